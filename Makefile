@@ -1,0 +1,35 @@
+# Two entry points that work on a fresh machine: `make serve` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+SERVE_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install serve serve-assets test lint bench
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## Serve the default model (DeiT-S, timm hub weights) on 127.0.0.1:8000.
+serve: $(STAMP)
+	$(VENV)/bin/evit-serve $(SERVE_ARGS)
+
+## Serve the real ViT-Ti weights from ../shared/assets (works offline).
+serve-assets: $(STAMP)
+	$(VENV)/bin/evit-serve --model vit_tiny_patch16_224 \
+	  --checkpoint ../shared/assets/weights/vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors $(SERVE_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+## The whole test suite (what .ci/run runs).
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m evit.bench --model deit_small_patch16_224 --batch-size 16 --keep-rates 1.0,0.9,0.7,0.5
