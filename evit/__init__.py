@@ -1,0 +1,16 @@
+"""EViT token reorganization for any timm ViT with a class token, keep rate per call or per sample."""
+
+from evit.cost import Cost
+from evit.loading import WeightsError
+from evit.model import create_model
+from evit.patch import EViTConfig, EViTOutput, apply_patch, default_prune_blocks
+
+__all__ = [
+    "Cost",
+    "EViTConfig",
+    "EViTOutput",
+    "WeightsError",
+    "apply_patch",
+    "create_model",
+    "default_prune_blocks",
+]

@@ -1,0 +1,39 @@
+"""``create_model``: build or load a timm ViT and make it an EViT model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import timm
+from torch import nn
+
+from evit.loading import build_pretrained, load_checkpoint
+from evit.patch import apply_patch
+
+
+def create_model(
+    name: str,
+    pretrained: bool = False,
+    checkpoint_path: str | Path | None = None,
+    prune_blocks: Sequence[int] | None = None,
+    fuse: bool = True,
+    keep_rate: float = 1.0,
+    **timm_kwargs: Any,
+) -> nn.Module:
+    """A timm ViT (``name`` is a timm architecture) with EViT token reorganization.
+
+    Weights: ``checkpoint_path`` (a local .pth/.pt/.safetensors, strict keys) if given, else timm's hub
+    weights if ``pretrained``, else random initialisation. ``prune_blocks`` are 0-based block indices
+    (default: the paper's 1/4, 2/4, 3/4 of the depth - DeiT-S: 3, 6, 9); ``fuse=False`` drops inattentive
+    tokens instead of fusing them; ``keep_rate`` is the default for calls that give none.
+    """
+    if checkpoint_path is not None:
+        model = timm.create_model(name, pretrained=False, **timm_kwargs)
+        load_checkpoint(model, checkpoint_path)
+    elif pretrained:
+        model = build_pretrained(name, **timm_kwargs)
+    else:
+        model = timm.create_model(name, pretrained=False, **timm_kwargs)
+    return apply_patch(model, prune_blocks=prune_blocks, fuse=fuse, keep_rate=keep_rate)
