@@ -1,0 +1,1 @@
+"""evit-serve: an HTTP service for token-pruned (EViT) Vision Transformers with a per-request keep rate."""
