@@ -2,7 +2,7 @@
 
 from evit.cost import Cost
 from evit.loading import WeightsError
-from evit.model import create_model
+from evit.model import create_model, data_config
 from evit.patch import EViTConfig, EViTOutput, apply_patch, default_prune_blocks
 
 __all__ = [
@@ -12,5 +12,6 @@ __all__ = [
     "WeightsError",
     "apply_patch",
     "create_model",
+    "data_config",
     "default_prune_blocks",
 ]

@@ -49,17 +49,17 @@ def block_tokens(
     prune_blocks: tuple[int, ...],
     keep_rate: float,
     fuse: bool,
-) -> list[tuple[int, int]]:
-    """Per block: (tokens into attention, tokens into the MLP), prefix tokens included."""
+) -> list[tuple[int, int, bool]]:
+    """Per block: (tokens into attention, tokens into the MLP, whether it pruned), prefix tokens included."""
     P, n = num_prefix_tokens, num_patches
     out = []
     for i in range(depth):
-        n_in = n
+        n_in, k = n, n
         if i in prune_blocks:
             k = keep_count(keep_rate, n)
             if k < n:
                 n = k + (1 if fuse else 0)
-        out.append((P + n_in, P + n))
+        out.append((P + n_in, P + n, k < n_in))
     return out
 
 
@@ -70,15 +70,15 @@ def model_cost(model: nn.Module, keep_rate: float) -> Cost:
     depth = len(model.blocks)
     schedule = block_tokens(depth, model.patch_embed.num_patches, P, cfg.prune_blocks, keep_rate, cfg.fuse)
     macs = _patch_embed_macs(model)
-    for i, (blk, (n_attn, n_mlp)) in enumerate(zip(model.blocks, schedule, strict=True)):
+    for blk, (n_attn, n_mlp, pruned) in zip(model.blocks, schedule, strict=True):
         attn = blk.attn
         width = attn.num_heads * attn.head_dim
         per_token = _linear_macs(attn.qkv) + _linear_macs(attn.proj) + _linear_macs(getattr(attn, "gate", None))
         macs += n_attn * per_token + 2 * n_attn * n_attn * width  # projections; q @ k^T and attn @ v
-        if i in cfg.prune_blocks:
+        if pruned:
             macs += n_attn * width  # the class-attention row
-            if cfg.fuse and n_mlp != n_attn:
+            if cfg.fuse:
                 macs += (n_attn - P) * model.embed_dim  # the attention-weighted fusion sum
         macs += n_mlp * _linear_macs(blk.mlp)
     macs += sum(_linear_macs(getattr(model, h, None)) for h in ("head", "head_dist"))
-    return Cost(keep_rate=keep_rate, tokens=tuple(t for t, _ in schedule), gmacs=macs / 1e9)
+    return Cost(keep_rate=keep_rate, tokens=tuple(t for t, _, _ in schedule), gmacs=macs / 1e9)

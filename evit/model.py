@@ -37,3 +37,13 @@ def create_model(
     else:
         model = timm.create_model(name, pretrained=False, **timm_kwargs)
     return apply_patch(model, prune_blocks=prune_blocks, fuse=fuse, keep_rate=keep_rate)
+
+
+def data_config(model: nn.Module) -> dict[str, Any]:
+    """timm's preprocessing config for ``model`` (resize, crop, mean/std), at the model's real input size.
+
+    timm reports the pretrained config's size (224) even for a model built with another ``img_size``.
+    """
+    cfg = timm.data.resolve_model_data_config(model)
+    cfg["input_size"] = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)
+    return cfg

@@ -21,6 +21,7 @@ from evit.reorganize import (
     class_attention,
     merge_adjacent,
     plan_groups,
+    prunes,
     reorganize_group,
     split_group,
 )
@@ -87,21 +88,20 @@ def _cat(parts: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def _attention(
-    attn: nn.Module, x: torch.Tensor, groups: Sequence[Group], need_cls: bool
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """timm ``Attention.forward`` on packed tokens, attention once per group; optionally the class row.
+    attn: nn.Module, x: torch.Tensor, groups: Sequence[Group], need_cls: Sequence[bool]
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """timm ``Attention.forward`` on packed tokens, attention once per group; the class row where asked.
 
-    x: T, C. Returns T, C and, if ``need_cls``, per group its B, N class-attention rows.
+    x: T, C. Returns T, C and per group its B, N class-attention rows (None where not asked).
     """
     H, D = attn.num_heads, attn.head_dim
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     qkv = attn.qkv(x)  # T, 3 * H * D
     outs, cls_rows = [], []
-    for g, view in zip(groups, _group_views(qkv, groups), strict=True):
+    for g, view, cls in zip(groups, _group_views(qkv, groups), need_cls, strict=True):
         q, k, v = view.reshape(g.size, g.tokens, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)  # B, H, N, D
         q, k = attn.q_norm(q), attn.k_norm(k)
-        if need_cls:
-            cls_rows.append(class_attention(q, k, attn.scale))
+        cls_rows.append(class_attention(q, k, attn.scale) if cls else None)
         if attn.fused_attn:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
         else:
@@ -141,17 +141,26 @@ class _Tracker:
 def _reorganize(
     x: torch.Tensor,
     groups: list[Group],
-    cls_rows: list[torch.Tensor],
+    cls_rows: list[torch.Tensor | None],
     num_prefix_tokens: int,
     fuse: bool,
     tracker: _Tracker | None,
 ) -> tuple[torch.Tensor, list[Group]]:
     """One pruning stage over every group; returns the new packed tokens and groups."""
+    if all(cls is None for cls in cls_rows):  # nobody prunes here (keep rate 1)
+        if tracker:
+            tracker.record(tracker.ids)
+        return x, groups
     P = num_prefix_tokens
     new_x, new_groups, new_ids = [], [], []
     views = _group_views(x, groups)
     ids = tracker.ids if tracker else [None] * len(groups)
     for g, view, cls, gid in zip(groups, views, cls_rows, ids, strict=True):
+        if cls is None:  # every sample of this group keeps all its tokens
+            new_x.append(view)
+            new_ids.append(gid)
+            new_groups.append(g)
+            continue
         subs = split_group(g, P, fuse)
         runs = [(s.start - g.start, s.size, k) for s, k in subs]
         xs, id_parts = reorganize_group(view, cls[:, P:], runs, P, fuse, gid)
@@ -161,8 +170,6 @@ def _reorganize(
     if tracker:
         tracker.ids = _merge_ids(new_groups, new_ids)
         tracker.record(tracker.ids)
-    if len(new_x) == 1 and new_x[0].data_ptr() == x.data_ptr() and new_groups == groups:
-        return x, groups  # nothing pruned anywhere
     return _cat(new_x), merge_adjacent(new_groups)
 
 
@@ -188,7 +195,8 @@ def _block(
     tracker: _Tracker | None,
 ) -> tuple[torch.Tensor, list[Group]]:
     """timm ``Block.forward`` (pre-norm, LayerScale, stochastic depth) with reorganization after attention."""
-    y, cls_rows = _attention(blk.attn, blk.norm1(x), groups, need_cls=prune)
+    need_cls = [prune and prunes(g, num_prefix_tokens) for g in groups]
+    y, cls_rows = _attention(blk.attn, blk.norm1(x), groups, need_cls)
     x = x + _drop_path(blk.drop_path1, blk.ls1(y), groups)
     if prune:
         x, groups = _reorganize(x, groups, cls_rows, num_prefix_tokens, fuse, tracker)

@@ -26,6 +26,7 @@ __all__ = [
     "keep_count",
     "merge_adjacent",
     "plan_groups",
+    "prunes",
     "reorganize_group",
     "split_group",
     "stage_counts",
@@ -87,6 +88,12 @@ def split_group(group: Group, num_prefix_tokens: int, fuse: bool) -> list[tuple[
             subs.append((Group(start, count, tokens, ((rate, count),)), k))
         start += count
     return subs
+
+
+def prunes(group: Group, num_prefix_tokens: int) -> bool:
+    """Whether any sample of the group drops tokens at a pruning stage (keep rate 1 changes nothing)."""
+    n = group.tokens - num_prefix_tokens
+    return any(keep_count(rate, n) < n for rate, _ in group.rates)
 
 
 def merge_adjacent(groups: Sequence[Group]) -> list[Group]:

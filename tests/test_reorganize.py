@@ -1,0 +1,77 @@
+"""The reorganization math on small hand-checked tensors."""
+
+import math
+
+import pytest
+import torch
+
+from evit.reorganize import (
+    Group,
+    class_attention,
+    keep_count,
+    merge_adjacent,
+    prunes,
+    reorganize_group,
+    split_group,
+)
+
+
+@pytest.mark.parametrize(
+    ("rate", "n", "k"),
+    [(1.0, 196, 196), (0.7, 196, 138), (0.5, 196, 98), (0.7, 139, 98), (0.7, 10, 7), (0.01, 16, 1), (0.5, 1, 1)],
+)
+def test_keep_count_is_ceil(rate, n, k):
+    assert keep_count(rate, n) == k
+
+
+def test_class_attention_matches_full_attention_row():
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, 7, 4), torch.randn(2, 3, 7, 4)
+    full = ((q * 0.5) @ k.transpose(-2, -1)).softmax(-1)  # B, H, N, N
+    assert torch.allclose(class_attention(q, k, 0.5), full[:, :, 0].mean(1), atol=1e-6)
+    assert torch.allclose(class_attention(q, k, 0.5).sum(-1), torch.ones(2))
+
+
+def test_fusion_by_hand():
+    # one sample, one prefix token, 4 tokens with scalar features; keep the top 2 by attention
+    x = torch.tensor([[[100.0], [1.0], [2.0], [3.0], [4.0]]])  # B=1, N=5, C=1
+    attn = torch.tensor([[0.1, 0.4, 0.2, 0.3]])  # B, n
+    (out,), (ids,) = reorganize_group(x, attn, [(0, 1, 2)], num_prefix_tokens=1, fuse=True,
+                                      patch_ids=torch.arange(4)[None])
+    # kept in attention order: token 2 (0.4), token 4 (0.3); fused = 0.1 * 1 + 0.2 * 3 (unnormalised)
+    assert out[0, :, 0].tolist() == pytest.approx([100.0, 2.0, 4.0, 0.1 * 1 + 0.2 * 3])
+    assert ids.tolist() == [[1, 3, -1]]
+    (dropped,), _ = reorganize_group(x, attn, [(0, 1, 2)], num_prefix_tokens=1, fuse=False)
+    assert dropped[0, :, 0].tolist() == [100.0, 2.0, 4.0]
+
+
+def test_prefix_tokens_untouched_and_mixed_keep_counts():
+    torch.manual_seed(0)
+    x = torch.randn(3, 2 + 6, 5)  # B=3, two prefix tokens (class + distillation), 6 tokens
+    attn = torch.rand(3, 6)
+    outs, _ = reorganize_group(x, attn, [(0, 1, 2), (1, 2, 4)], num_prefix_tokens=2, fuse=True)
+    assert [tuple(o.shape) for o in outs] == [(1, 2 + 2 + 1, 5), (2, 2 + 4 + 1, 5)]
+    assert torch.equal(outs[0][:, :2], x[:1, :2])
+    assert torch.equal(outs[1][:, :2], x[1:, :2])
+    # each sample equals running it alone with its own k
+    for row, (out, idx) in enumerate([(outs[0], 0), (outs[1], 0), (outs[1], 1)]):
+        k = out.shape[1] - 3
+        (solo,), _ = reorganize_group(x[row : row + 1], attn[row : row + 1], [(0, 1, k)], 2, True)
+        assert torch.allclose(out[idx], solo[0], atol=1e-6)
+
+
+def test_keep_all_returns_input_unchanged():
+    x = torch.randn(2, 5, 3)
+    (out,), _ = reorganize_group(x, torch.rand(2, 4), [(0, 2, 4)], 1, True)
+    assert out is x
+
+
+def test_groups_split_and_merge():
+    g = Group(0, 5, 1 + 16, ((0.5, 2), (0.52, 1), (1.0, 2)))
+    subs = split_group(g, num_prefix_tokens=1, fuse=True)
+    # 0.5 and 0.52 both keep ceil(.. * 16) = 8 and 9 -> different; 1.0 keeps all 16, no fused token
+    assert [(s.start, s.size, s.tokens, k) for s, k in subs] == [(0, 2, 10, 8), (2, 1, 11, 9), (3, 2, 17, 16)]
+    assert prunes(g, 1) and not prunes(Group(0, 2, 17, ((1.0, 2),)), 1)
+    merged = merge_adjacent([Group(0, 2, 10, ((0.5, 2),)), Group(2, 1, 10, ((0.55, 1),)), Group(3, 1, 11, ((0.6, 1),))])
+    assert [(m.start, m.size, m.tokens) for m in merged] == [(0, 3, 10), (3, 1, 11)]
+    assert math.isclose(sum(c for _, c in merged[0].rates), 3)
