@@ -1,0 +1,3 @@
+from service.loadtest.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,187 @@
+"""evit-loadtest's outputs: results.json, results.csv, latency.png and the table printed for people."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+LATENCY_KEYS = ("p50", "p90", "p95", "p99", "max")
+CSV_FIELDS = (
+    "step",
+    "mode",
+    "target_rate",
+    "concurrency",
+    "keep_rate",
+    "sent",
+    "ok",
+    "errors",
+    "throughput",
+    *LATENCY_KEYS,
+    "server_tokens_per_second",
+)
+
+
+def write_json(results: dict, out: Path) -> Path:
+    path = out / "results.json"
+    path.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
+    return path
+
+
+def _errors_text(errors: dict[str, int]) -> str:
+    return ";".join(f"{code}:{n}" for code, n in sorted(errors.items()))
+
+
+def write_csv(results: dict, out: Path) -> Path:
+    """One row per step and keep rate, plus an ``all`` row per step."""
+    path = out / "results.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for i, step in enumerate(results["steps"]):
+            server_rates = (step.get("server") or {}).get("per_keep_rate", {})
+            rows = [*step["per_keep_rate"].items(), ("all", step["overall"])]
+            for label, stats in rows:
+                server_tps = (server_rates.get(label) or {}).get("tokens_per_second")
+                if label == "all" and step.get("server"):
+                    server_tps = step["server"]["tokens_per_second"]
+                writer.writerow(
+                    {
+                        "step": i,
+                        "mode": step["mode"],
+                        "target_rate": step["target_rate"],
+                        "concurrency": step["concurrency"],
+                        "keep_rate": label,
+                        "sent": stats["sent"],
+                        "ok": stats["ok"],
+                        "errors": _errors_text(stats["errors"]),
+                        "throughput": stats["throughput"],
+                        **{k: stats[k] for k in LATENCY_KEYS},
+                        "server_tokens_per_second": server_tps,
+                    }
+                )
+    return path
+
+
+def write_png(results: dict, out: Path) -> Path:
+    """Latency percentiles per keep rate (last step) and, for a sweep, the throughput-latency curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = results["steps"]
+    sweep = len(steps) > 1
+    fig, axes = plt.subplots(1, 2 if sweep else 1, figsize=(11 if sweep else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    last = steps[-1]
+    for label, stats in [*last["per_keep_rate"].items(), ("all", last["overall"])]:
+        if stats["p50"] is None:
+            continue  # nothing succeeded at this keep rate: see its errors in the table
+        ys = [stats[k] * 1e3 if stats[k] is not None else float("nan") for k in LATENCY_KEYS]
+        ax.plot(
+            LATENCY_KEYS,
+            ys,
+            marker="o",
+            label=f"keep {label}" if label != "all" else "all",
+            linestyle="--" if label == "all" else "-",
+        )
+    _latency_axis(ax)
+    ax.set_title(_step_title(last))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    if sweep:
+        ax = axes[0][1]
+        xs = [s["throughput"] for s in steps]
+        for key, style in (("p50", "o-"), ("p99", "s-")):
+            ys = [s["overall"][key] * 1e3 if s["overall"][key] is not None else float("nan") for s in steps]
+            ax.plot(xs, ys, style, label=f"{key} (all)")
+        for s, x in zip(steps, xs, strict=True):
+            ax.annotate(
+                _step_value(s),
+                (x, (s["overall"]["p99"] or 0) * 1e3),
+                fontsize=7,
+                textcoords="offset points",
+                xytext=(3, 3),
+            )
+        ax.set_xlabel("achieved throughput (ok answers/s)")
+        _latency_axis(ax)
+        ax.set_title("sweep: throughput vs latency (labels: target)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "latency.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _latency_axis(ax) -> None:
+    """Milliseconds, on a log scale when they span more than a decade, with plain tick labels."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    low, high = ax.get_ylim()
+    if low > 0 and high / low > 10:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_ylabel("latency (ms)")
+
+
+def _step_value(step: dict) -> str:
+    return f"{step['target_rate']:g}/s" if step["mode"] == "open" else f"{step['concurrency']} clients"
+
+
+def _step_title(step: dict) -> str:
+    if step["mode"] == "open":
+        return f"open loop, {step['arrivals']} arrivals at {step['target_rate']:g}/s"
+    return f"closed loop, {step['concurrency']} clients"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value * 1e3:.1f}"
+
+
+def format_table(results: dict) -> str:
+    """A readable summary of every step: client view per keep rate, then the server's view."""
+    lines = []
+    for step in results["steps"]:
+        lines.append(f"== {_step_title(step)}: {step['seconds']:.2f} s, sent {step['sent']}, ok {step['ok']}")
+        head = f"{'keep_rate':>9} {'sent':>7} {'ok':>7} {'req/s':>8} " + " ".join(
+            f"{k + ' ms':>9}" for k in LATENCY_KEYS
+        )
+        lines.append(head + "  errors")
+        for label, s in [*step["per_keep_rate"].items(), ("all", step["overall"])]:
+            lines.append(
+                f"{label:>9} {s['sent']:>7} {s['ok']:>7} {s['throughput']:>8.1f} "
+                + " ".join(f"{_ms(s[k]):>9}" for k in LATENCY_KEYS)
+                + f"  {_errors_text(s['errors']) or '-'}"
+            )
+        lag = step["client_send_lag"]
+        if step["mode"] == "open" and lag["p99"] is not None:
+            lines.append(f"client send lag p99 {_ms(lag['p99'])} ms (how late the generator itself sent)")
+        lines.extend(_server_lines(step))
+    return "\n".join(lines)
+
+
+def _server_lines(step: dict) -> list[str]:
+    server = step.get("server")
+    if server is None:
+        return [f"server metrics: {step.get('metrics_error') or 'not read'}"]
+    lines = [f"server: {server['tokens_per_second'] or 0:.0f} tokens/s in all"]
+    for label, e in server["per_keep_rate"].items():
+        per_req = e["tokens_per_request"]
+        lines.append(
+            f"  keep_rate {label:>5}: {e['tokens_per_second']:.0f} tokens/s, "
+            f"{'-' if per_req is None else f'{per_req:.0f}'} tokens/request, answers {e['requests']}"
+        )
+    for model, m in server["per_model"].items():
+        mean_bs = "-" if m["mean_batch_size"] is None else f"{m['mean_batch_size']:.2f}"
+        lines.append(
+            f"  model {model}: {m['batches']:.0f} batches, mean batch size {mean_bs}, queue wait mean "
+            f"{_ms(m['queue_wait_mean'])} ms, p50 {_ms(m['queue_wait_p50'])} ms, p99 {_ms(m['queue_wait_p99'])} ms"
+        )
+    check = step["cross_check"]
+    verdict = "match" if check["match"] else "MISMATCH"
+    lines.append(f"  cross-check: {verdict} (client {check['client_total']} vs server {check['server_total']})")
+    return lines

@@ -1,0 +1,230 @@
+"""evit-loadtest against a real uvicorn server on 127.0.0.1 with a known, injected latency.
+
+Run as a script, this file is that server: a fake /classify whose latency per keep rate is known
+(``--latency 0.5=0.03,1.0=0.08``), optionally serialised (one request at a time, so a queue builds),
+and a /metrics exporting the service's metric names with values the test can predict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+from service.loadtest import main as loadtest_main
+
+FAKE_BATCH_SIZE = 3  # the fake observes this batch size once per request
+FAKE_QUEUE_WAIT = 0.004
+
+
+def build_app(latency: dict[str, float], serial: bool, fail: dict[str, int]):
+    registry = CollectorRegistry()
+    requests = Counter("evit_requests_total", "", ["model", "keep_rate", "code"], registry=registry)
+    tokens = Counter("evit_tokens_processed_total", "", ["model", "keep_rate"], registry=registry)
+    batch = Histogram("evit_batch_size", "", ["model"], buckets=(1, 2, 4, 8), registry=registry)
+    wait = Histogram("evit_queue_wait_seconds", "", ["model"], buckets=(0.001, 0.01, 0.1), registry=registry)
+    lock = asyncio.Lock()
+    app = FastAPI()
+
+    @app.post("/classify")
+    async def classify(request: Request, keep_rate: float = 1.0, model: str = "fake"):
+        body = await request.body()
+        label = repr(keep_rate)
+        if not body or (label not in latency and label not in fail):
+            return JSONResponse({"error": "bad request"}, status_code=422)
+        if label in fail:
+            requests.labels(model, label, str(fail[label])).inc()
+            return JSONResponse({"error": "injected"}, status_code=fail[label])
+        if serial:
+            async with lock:
+                await asyncio.sleep(latency[label])
+        else:
+            await asyncio.sleep(latency[label])
+        n = round(100 * keep_rate)  # the fake processes 100 tokens per unit of keep rate
+        tokens.labels(model, label).inc(n)
+        batch.labels(model).observe(FAKE_BATCH_SIZE)
+        wait.labels(model).observe(FAKE_QUEUE_WAIT)
+        requests.labels(model, label, "200").inc()
+        return {"model": model, "keep_rate": keep_rate, "tokens": n, "predictions": []}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(registry), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+def _serve(argv: list[str]) -> None:
+    import uvicorn
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--latency", required=True)  # "0.5=0.03,1.0=0.08"
+    p.add_argument("--fail", default="")  # "0.3=503"
+    p.add_argument("--serial", action="store_true")
+    a = p.parse_args(argv)
+    latency = {k: float(v) for k, v in (kv.split("=") for kv in a.latency.split(","))}
+    fail = {k: int(v) for k, v in (kv.split("=") for kv in a.fail.split(",") if kv)}
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    print(sock.getsockname()[1], flush=True)
+    config = uvicorn.Config(build_app(latency, a.serial, fail), log_level="warning", access_log=False)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+@contextmanager
+def fake_server(*args: str) -> Iterator[str]:
+    """Start this file as a server on 127.0.0.1 (an OS-chosen port); stop it by its PID."""
+    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline())
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if httpx.get(url + "/metrics", timeout=1, trust_env=False).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("fake server did not start")
+            time.sleep(0.05)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run_tool(tmp_path, args: str) -> dict:
+    assert loadtest_main([*args.split(), "--out", str(tmp_path), "--quiet"]) == 0
+    return json.loads((tmp_path / "results.json").read_text())
+
+
+def test_closed_loop_percentiles_match_injected_latency(tmp_path):
+    with fake_server("--latency", "0.5=0.03,1.0=0.08", "--fail", "0.3=503") as url:
+        res = run_tool(
+            tmp_path,
+            f"--url {url} --concurrency 4 --duration 2 --warmup 0.3 "
+            "--keep-rates 0.5:2,1.0:2,0.3:1 --image-size 32 --generated 2",
+        )
+    fast, slow, failing = (res["per_keep_rate"][k] for k in ("0.5", "1.0", "0.3"))
+    for stats, injected in ((fast, 0.03), (slow, 0.08)):
+        assert stats["ok"] == stats["sent"] > 5 and stats["errors"] == {}
+        # The injected sleep is a floor; loopback HTTP on a busy 2-core box adds a few ms on top.
+        for key in ("p50", "p90"):
+            assert injected <= stats[key] <= injected + 0.03, (key, stats)
+        assert injected <= stats["p99"] <= stats["max"] <= injected + 0.15
+    assert slow["p50"] - fast["p50"] == pytest.approx(0.05, abs=0.015)
+    assert failing["ok"] == 0 and failing["errors"] == {"503": failing["sent"]} and failing["p50"] is None
+    assert res["sent"] == fast["sent"] + slow["sent"] + failing["sent"]
+    assert res["throughput"] == pytest.approx((fast["ok"] + slow["ok"]) / res["seconds"])
+    # Four clients each waiting ~55 ms on average can do no more than ~4/0.055 answers/s.
+    assert 20 < res["overall"]["throughput"] + failing["sent"] / res["seconds"] < 4 / 0.03
+    assert res["latency_unit"] == "seconds"
+
+    server, check = res["server"], res["cross_check"]
+    assert check["match"], check
+    assert check["client_total"] == {"200": fast["ok"] + slow["ok"], "503": failing["sent"]}
+    assert server["per_keep_rate"]["0.5"]["tokens_per_request"] == 50
+    assert server["per_keep_rate"]["1.0"]["tokens_per_request"] == 100
+    tokens = 50 * fast["ok"] + 100 * slow["ok"]
+    assert server["tokens_per_second"] == pytest.approx(tokens / res["seconds"])
+    model = server["per_model"]["fake"]
+    assert model["mean_batch_size"] == FAKE_BATCH_SIZE
+    assert model["queue_wait_mean"] == pytest.approx(FAKE_QUEUE_WAIT)
+    assert fast["tokens_per_request"] == 50 and fast["mean_keep_rate_used"] == 0.5
+    assert (tmp_path / "latency.png").stat().st_size > 1000
+    rows = {r["keep_rate"]: r for r in csv.DictReader((tmp_path / "results.csv").open())}
+    assert sorted(rows) == ["0.3", "0.5", "1.0", "all"]
+    assert rows["0.3"]["errors"] == f"503:{failing['sent']}" and rows["0.3"]["p50"] == ""
+    assert float(rows["0.5"]["p50"]) == fast["p50"] and int(rows["all"]["sent"]) == res["sent"]
+
+
+def test_open_loop_reports_queueing_no_coordinated_omission(tmp_path):
+    """60 requests at 40/s into a server that does one at a time in 50 ms (capacity 20/s).
+
+    Request i is scheduled at 0.025*i and finishes near 0.05*(i+1): its latency is 0.05 + 0.025*i,
+    so the median is ~0.8 s and the max ~1.5 s. A tool timing from the actual send, or waiting for
+    answers before sending more, would report ~50 ms and hide the queue.
+    """
+    with fake_server("--latency", "1.0=0.05", "--serial") as url:
+        res = run_tool(
+            tmp_path,
+            f"--url {url} --rate 40 --arrivals constant --duration 1.5 "
+            "--warmup 0 --keep-rates 1.0 --generated 1 --image-size 16",
+        )
+    stats = res["per_keep_rate"]["1.0"]
+    assert stats["sent"] == stats["ok"] == 60  # the count is fixed by the schedule, not by the server
+    assert stats["p50"] == pytest.approx(0.05 + 0.025 * 29.5, abs=0.15)
+    assert stats["max"] == pytest.approx(0.05 + 0.025 * 59, abs=0.25)
+    assert res["client_send_lag"]["p99"] < 0.05  # the generator itself kept to its schedule
+    assert res["seconds"] == pytest.approx(60 * 0.05, abs=0.4)  # the drain is part of the run
+    assert res["throughput"] == pytest.approx(20, rel=0.15)  # what the server could do, not the 40 asked
+
+
+def test_sweep_and_request_bound(tmp_path):
+    with fake_server("--latency", "0.5=0.01,1.0=0.02") as url:
+        res = run_tool(
+            tmp_path,
+            f"--url {url} --sweep 10,30 --duration 1 --max-requests 12 "
+            "--warmup 0.2 --keep-rates 0.5,1.0 --generated 1 --image-size 16",
+        )
+    assert [s["target_rate"] for s in res["steps"]] == [10.0, 30.0]
+    assert res["steps"][0]["sent"] <= 12 and res["steps"][1]["sent"] == 12  # 30/s for 1 s: capped at 12
+    assert res["target_rate"] == 30.0 and all(s["cross_check"]["match"] for s in res["steps"])
+    assert len((tmp_path / "results.csv").read_text().splitlines()) == 1 + 2 * 3
+
+
+def test_refuses_remote_target_without_sending(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        loadtest_main(["--url", "http://192.0.2.1:8000", "--rate", "1", "--duration", "1", "--out", str(tmp_path)])
+    assert exc.value.code == 2 and "--allow-remote" in capsys.readouterr().err
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_unreachable_server_exits_nonzero(tmp_path):
+    with socket.socket() as s:  # a loopback port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = loadtest_main(
+        [
+            "--url",
+            f"http://127.0.0.1:{port}",
+            "--rate",
+            "20",
+            "--duration",
+            "0.2",
+            "--warmup",
+            "0",
+            "--generated",
+            "1",
+            "--image-size",
+            "16",
+            "--out",
+            str(tmp_path),
+            "--quiet",
+        ]
+    )
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert code == 1 and res["ok"] == 0 and res["overall"]["errors"] == {"connection_error": res["sent"]}
+    assert res["server"] is None and "could not read" in res["metrics_error"]
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1:])
