@@ -1,0 +1,75 @@
+"""``evit-serve`` / ``python -m service``: settings from env and flags, load the models, run uvicorn.
+
+SIGTERM drains: readiness goes false and new requests get 503 at once, admitted requests are answered,
+then the server exits (status 0). A second SIGTERM, or SIGINT, falls back to uvicorn's own shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import sys
+from types import FrameType
+
+import uvicorn
+from pydantic import ValidationError
+
+from service.app import create_app
+from service.logs import configure_logging
+from service.registry import ModelLoadError, load_registry
+from service.runtime import Service
+from service.settings import parse_settings
+
+log = logging.getLogger("service.main")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, with SIGTERM starting the service's drain before the listener closes."""
+
+    def __init__(self, config: uvicorn.Config, service: Service) -> None:
+        super().__init__(config)
+        self.service = service
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGTERM and self._loop is not None and not self.service.draining and not self.should_exit:
+            self._loop.call_soon_threadsafe(self._drain_then_exit)
+            return
+        super().handle_exit(sig, frame)
+
+    def _drain_then_exit(self) -> None:
+        task = self.service.begin_drain()
+        task.add_done_callback(lambda _: setattr(self, "should_exit", True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        settings = parse_settings(argv)
+    except ValidationError as e:
+        problems = "\n".join(f"  {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        print(f"evit-serve: invalid settings:\n{problems}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_json)
+    try:
+        registry = load_registry(settings)
+    except ModelLoadError as e:
+        log.error("could not load the models: %s", e)
+        print(f"evit-serve: {e}", file=sys.stderr)
+        return 2
+    app = create_app(settings, registry)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+        timeout_graceful_shutdown=settings.drain_timeout_s + 5, lifespan="on",
+    )
+    DrainingServer(config, app.state.service).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

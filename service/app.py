@@ -1,0 +1,149 @@
+"""``create_app(settings)``: the FastAPI application, its routes, error handlers and lifespan.
+
+Lifespan: load the models (unless a loaded registry is given), start the batchers, warm up in the
+background (``/readyz`` is 503 until done); on shutdown drain (admitted requests finish), then stop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from service.errors import ApiError, install_error_handlers
+from service.logs import RequestLogMiddleware
+from service.metrics import CONTENT_TYPE
+from service.registry import Registry
+from service.runtime import Answer, Service
+from service.schemas import (
+    ClassifyResponse,
+    Health,
+    KeptPatches,
+    KeptStage,
+    ModelInfo,
+    ModelsResponse,
+    Prediction,
+    Readiness,
+    Timings,
+    error_responses,
+)
+from service.settings import Settings
+from service.upload import REQUEST_BODY_DOC, read_image_bytes
+
+router = APIRouter()
+
+
+def get_service(request: Request) -> Service:
+    return request.app.state.service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+KeepRate = Annotated[
+    float | None,
+    Query(gt=0.0, le=1.0, allow_inf_nan=False, description="fraction of patch tokens kept at each pruning "
+          "block, in (0, 1]; omitted: the model's default"),
+]
+
+
+@router.post(
+    "/classify", response_model=ClassifyResponse, openapi_extra=REQUEST_BODY_DOC, tags=["inference"],
+    responses=error_responses(400, 404, 413, 415, 422, 503, 504),
+    summary="Classify one image at a chosen keep rate",
+)
+async def classify(
+    request: Request,
+    svc: ServiceDep,
+    keep_rate: KeepRate = None,
+    top_k: Annotated[int, Query(ge=1, description="how many classes to return")] = 5,
+    model: Annotated[str | None, Query(description="hosted model name; omitted: the default model")] = None,
+    return_tokens: Annotated[bool, Query(description="also return the kept patches of each pruning stage")] = False,
+) -> ClassifyResponse:
+    hosted = svc.model(model)
+    if top_k > svc.settings.max_top_k:
+        raise ApiError(422, f"top_k={top_k} is over the limit of {svc.settings.max_top_k}", "invalid_parameter")
+    answer = await svc.infer(
+        request, hosted, keep_rate, top_k, return_tokens,
+        lambda: read_image_bytes(request, svc.settings.max_body_bytes),
+    )
+    return classify_response(answer)
+
+
+def classify_response(a: Answer) -> ClassifyResponse:
+    r, m = a.result, a.model
+    kept = None
+    if r.kept is not None:
+        stages = [KeptStage(block=b, patches=p) for b, p in zip(m.model.evit_cfg.prune_blocks, r.kept, strict=False)]
+        kept = KeptPatches(grid=m.grid, stages=stages)
+    return ClassifyResponse(
+        model=m.name,
+        keep_rate=a.keep_rate,
+        predictions=[
+            Prediction(label=m.labels[c], class_index=c, probability=p)
+            for c, p in zip(r.classes, r.probabilities, strict=True)
+        ],
+        tokens=r.tokens,
+        timings=Timings(
+            decode_ms=a.decode_s * 1000, queue_ms=a.queue_s * 1000,
+            inference_ms=r.inference_s * 1000, total_ms=a.total_s * 1000,
+        ),
+        batch_size=r.batch_size,
+        kept=kept,
+    )
+
+
+@router.get("/models", response_model=ModelsResponse, tags=["service"], responses=error_responses(503))
+async def models(svc: ServiceDep) -> ModelsResponse:
+    if svc.registry is None:
+        raise ApiError(503, "models are still loading", "not_ready", {"Retry-After": "1"})
+    return ModelsResponse(default=svc.registry.default, models=[ModelInfo(**m.info()) for m in svc.registry])
+
+
+@router.get("/healthz", response_model=Health, tags=["service"], summary="Liveness: the process answers")
+async def healthz() -> Health:
+    return Health()
+
+
+@router.get(
+    "/readyz", response_model=Readiness, tags=["service"],
+    responses={503: {"model": Readiness, "description": "loading, warming up, or draining"}},
+    summary="Readiness: models loaded and warmed up, not draining",
+)
+async def readyz(svc: ServiceDep) -> JSONResponse:
+    state = {m.name: m.ready for m in svc.registry} if svc.registry else {}
+    body = Readiness(ready=svc.ready, draining=svc.draining, models=state)
+    return JSONResponse(body.model_dump(), status_code=200 if svc.ready else 503)
+
+
+@router.get("/metrics", tags=["service"], summary="Prometheus metrics",
+            responses={200: {"content": {CONTENT_TYPE: {}}}})
+async def metrics(svc: ServiceDep) -> Response:
+    return Response(svc.metrics.render(), media_type=CONTENT_TYPE)
+
+
+def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastAPI:
+    """The service as an ASGI app. ``registry``: models already loaded (else the lifespan loads them)."""
+    settings = settings or Settings()
+    service = Service(settings, registry)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(
+        title="evit-serve",
+        version="0.1.0",
+        summary="Token-pruned Vision Transformers (EViT) with a per-request keep rate",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    install_error_handlers(app)
+    app.include_router(router)
+    app.add_middleware(RequestLogMiddleware, on_done=service.count_request)
+    return app

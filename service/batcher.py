@@ -1,0 +1,232 @@
+"""Dynamic batching: one queue per model, batches formed on the event loop, run on the device's one thread.
+
+A request is *admitted* first (a slot in the model's bounded queue, taken before its image is decoded,
+so overload is refused cheaply with 503 + Retry-After), then *submitted* with its decoded tensor. A
+model's batch former takes a batch when it holds ``max_batch_size`` requests or its oldest request has
+waited ``max_wait``, and only while the model has no pass in flight: under load, requests that arrive
+during a pass form the next batch, so batches grow with load and never wait for nothing. Requests whose
+client went away or whose deadline passed are dropped when the batch is formed: they are never run. The
+batch is split into forward passes by ``policy.plan_passes`` and each pass's requests are answered as soon
+as that pass ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from service.errors import ApiError
+from service.metrics import Metrics
+from service.policy import PassCost, plan_passes
+from service.registry import HostedModel, Registry
+from service.settings import Settings
+from service.worker import DeviceWorker, Sample, SampleResult
+
+log = logging.getLogger("service.batcher")
+
+
+class ModelQueue:
+    def __init__(self, hosted: HostedModel, worker: DeviceWorker) -> None:
+        self.hosted = hosted
+        self.worker = worker
+        self.items: deque[Pending] = deque()
+        self.admitted = 0  # admitted and not yet in a batch: decoding, or waiting in ``items``
+        self.wake = asyncio.Event()
+        self.running = False
+        self.cost: PassCost | None = None  # calibrated at warm-up
+        self.pass_s = 0.0  # moving average of a batch's time, for Retry-After
+
+
+class Ticket:
+    """A request's admission slot; released when its batch is formed or when the request ends early."""
+
+    def __init__(self, queue: ModelQueue, metrics: Metrics) -> None:
+        self.queue = queue
+        self.metrics = metrics
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.queue.admitted -= 1
+            self.metrics.admitted.labels(model=self.queue.hosted.name).set(self.queue.admitted)
+
+    def __enter__(self) -> Ticket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+@dataclass(eq=False)
+class Pending:
+    sample: Sample
+    deadline: float  # time.monotonic()
+    future: asyncio.Future[SampleResult]
+    ticket: Ticket
+    enqueued: float = field(default_factory=time.monotonic)
+    queue_s: float = 0.0
+
+
+class Batcher:
+    def __init__(self, registry: Registry, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.workers = {d: DeviceWorker(d, metrics) for d in registry.devices}
+        self.queues = {m.name: ModelQueue(m, self.workers[m.device]) for m in registry}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def start(self) -> None:
+        for q in self.queues.values():
+            self.metrics.init_model(q.hosted.name)
+            self._tasks.append(asyncio.create_task(self._form_batches(q), name=f"batcher-{q.hosted.name}"))
+
+    async def warm_up(self) -> None:
+        loop = asyncio.get_running_loop()
+        batch = min(self.settings.max_batch_size, 8)
+        for q in self.queues.values():
+            start = time.perf_counter()
+            q.cost = await loop.run_in_executor(q.worker.executor, q.worker.warm_up, q.hosted, batch)
+            q.hosted.ready = True
+            log.info("warmed up %s in %.2f s", q.hosted.name, time.perf_counter() - start,
+                     extra={"model": q.hosted.name, "pass_cost": q.cost and vars(q.cost)})
+
+    def idle(self) -> bool:
+        return all(q.admitted == 0 and not q.items and not q.running for q in self.queues.values())
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until every admitted request is answered; False if ``timeout`` passed first."""
+        end = time.monotonic() + timeout
+        while not self.idle():
+            if time.monotonic() > end:
+                return False
+            await asyncio.sleep(0.01)
+        return True
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for worker in self.workers.values():
+            await asyncio.to_thread(worker.close)
+
+    # -- requests ------------------------------------------------------------------------------------
+    def admit(self, model: str) -> Ticket:
+        """A slot in ``model``'s queue, or 503 with Retry-After when the queue is full."""
+        q = self.queues[model]
+        if q.admitted >= self.settings.queue_size:
+            raise ApiError(503, f"model {model} is overloaded ({q.admitted} requests queued); retry later",
+                           "overloaded", {"Retry-After": str(self.retry_after(q))})
+        q.admitted += 1
+        self.metrics.admitted.labels(model=model).set(q.admitted)
+        return Ticket(q, self.metrics)
+
+    def retry_after(self, q: ModelQueue) -> int:
+        """Whole seconds until the queue has likely drained (at least 1)."""
+        batches = math.ceil(q.admitted / self.settings.max_batch_size)
+        return max(1, math.ceil(batches * q.pass_s))
+
+    def submit(self, ticket: Ticket, sample: Sample, deadline: float) -> Pending:
+        q = ticket.queue
+        item = Pending(sample, deadline, asyncio.get_running_loop().create_future(), ticket)
+        q.items.append(item)
+        self.metrics.queue_depth.labels(model=q.hosted.name).set(len(q.items))
+        q.wake.set()
+        return item
+
+    # -- batch formation (event loop) ----------------------------------------------------------------
+    async def _form_batches(self, q: ModelQueue) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wait_for_batch(q)
+            batch = self._take(q)
+            if not batch:
+                continue
+            q.running = True
+            start = time.monotonic()
+            try:
+                await loop.run_in_executor(q.worker.executor, self._run, q, batch, loop)
+            except Exception as e:  # the pass itself failed: answer 500, keep serving
+                log.exception("batch of %d failed on %s", len(batch), q.hosted.name)
+                self._fail([p for p in batch if not p.future.done()], e)
+            finally:
+                q.running = False
+                q.pass_s = 0.8 * q.pass_s + 0.2 * (time.monotonic() - start) if q.pass_s else time.monotonic() - start
+
+    async def _wait_for_batch(self, q: ModelQueue) -> None:
+        max_wait = self.settings.max_wait_s
+        while True:
+            self._drop_dead(q)
+            timeout = None
+            if q.items:
+                waited = time.monotonic() - q.items[0].enqueued
+                if len(q.items) >= self.settings.max_batch_size or waited >= max_wait:
+                    return
+                timeout = max_wait - waited
+            q.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(q.wake.wait(), timeout)
+
+    def _drop_dead(self, q: ModelQueue) -> None:
+        """Remove requests whose client left (future cancelled) or whose deadline passed (504): never run."""
+        if not q.items:
+            return
+        now = time.monotonic()
+        live: deque[Pending] = deque()
+        for p in q.items:
+            if p.future.done():
+                p.ticket.release()
+            elif p.deadline <= now:
+                p.future.set_exception(ApiError(504, "request timed out waiting in the queue", "timeout"))
+                p.ticket.release()
+            else:
+                live.append(p)
+        if len(live) != len(q.items):
+            q.items = live
+            self.metrics.queue_depth.labels(model=q.hosted.name).set(len(live))
+
+    def _take(self, q: ModelQueue) -> list[Pending]:
+        n = min(len(q.items), self.settings.max_batch_size)
+        batch = [q.items.popleft() for _ in range(n)]
+        now = time.monotonic()
+        name = q.hosted.name
+        for p in batch:
+            p.ticket.release()
+            p.queue_s = now - p.enqueued
+            self.metrics.queue_wait.labels(model=name).observe(p.queue_s)
+        self.metrics.queue_depth.labels(model=name).set(len(q.items))
+        return batch
+
+    # -- on the device thread ------------------------------------------------------------------------
+    def _run(self, q: ModelQueue, batch: list[Pending], loop: asyncio.AbstractEventLoop) -> None:
+        hosted = q.hosted
+        passes = plan_passes([p.sample.keep_rate for p in batch], hosted.gmacs, q.cost, self.settings.batch_policy)
+        for indices in passes:
+            items = [batch[i] for i in indices if not batch[i].future.done()]  # clients gone since forming
+            if not items:
+                continue
+            try:
+                results = q.worker.forward(hosted, [p.sample for p in items])
+            except Exception as e:
+                log.exception("forward pass of %d failed on %s", len(items), hosted.name)
+                loop.call_soon_threadsafe(self._fail, items, e)
+                continue
+            loop.call_soon_threadsafe(self._resolve, items, results)
+
+    @staticmethod
+    def _resolve(items: list[Pending], results: list[SampleResult]) -> None:
+        for p, r in zip(items, results, strict=True):
+            if not p.future.done():
+                p.future.set_result(r)
+
+    @staticmethod
+    def _fail(items: list[Pending], error: Exception) -> None:
+        for p in items:
+            if not p.future.done():
+                p.future.set_exception(ApiError(500, f"inference failed: {type(error).__name__}", "inference_failed"))

@@ -1,0 +1,104 @@
+"""Every Prometheus metric of the service, defined once, in base units (seconds, tokens).
+
+Each app owns its own ``CollectorRegistry`` (tests build many apps in one process). ``keep_rate``
+labels are bucketed to 0.05 so a client sending arbitrary rates cannot blow up cardinality.
+"""
+
+from __future__ import annotations
+
+import math
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+KEEP_RATE_STEP = 0.05
+NO_RATE = "none"  # label for requests rejected before a keep rate was known
+NO_MODEL = "none"  # label for requests naming no hosted model (unbounded names never become labels)
+
+# From a GPU batch of a small ViT (~1 ms) to a large CPU batch under load (tens of seconds).
+LATENCY_BUCKETS = (
+    0.001, 0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.35, 0.5, 0.75,
+    1.0, 1.5, 2.5, 5.0, 10.0, 30.0,
+)
+QUEUE_BUCKETS = (0.0001, 0.0005, *LATENCY_BUCKETS)
+BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def rate_label(keep_rate: float | None) -> str:
+    """``0.62 -> "0.60"``; never below the first bucket; ``None`` (rate unknown) -> ``"none"``."""
+    if keep_rate is None or not math.isfinite(keep_rate):
+        return NO_RATE
+    steps = max(1, round(keep_rate / KEEP_RATE_STEP))
+    return f"{steps * KEEP_RATE_STEP:.2f}"
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        for collector in (ProcessCollector, PlatformCollector, GCCollector):
+            collector(registry=r)
+        self.requests = Counter(
+            "evit_requests", "Requests answered, by model, keep rate (bucketed) and HTTP status code.",
+            ["model", "keep_rate", "code"], registry=r,
+        )
+        self.request_duration = Histogram(
+            "evit_request_duration_seconds", "Time from request arrival to answer, answered (200) requests.",
+            ["model", "keep_rate"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.decode_duration = Histogram(
+            "evit_decode_seconds", "Image validation, decoding and preprocessing time.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.queue_wait = Histogram(
+            "evit_queue_wait_seconds", "Time a request waited in the batching queue before its batch ran.",
+            ["model"], buckets=QUEUE_BUCKETS, registry=r,
+        )
+        self.batch_size = Histogram(
+            "evit_batch_size", "Samples per forward pass.", ["model"], buckets=BATCH_SIZE_BUCKETS, registry=r,
+        )
+        self.batch_inference = Histogram(
+            "evit_batch_inference_seconds", "Time of one forward pass (host-to-device copy and results included).",
+            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.tokens = Counter(
+            "evit_tokens_processed", "Tokens the transformer blocks computed, summed over blocks.",
+            ["model", "keep_rate"], registry=r,
+        )
+        self.queue_depth = Gauge(
+            "evit_queue_depth", "Requests waiting in the batching queue.", ["model"], registry=r,
+        )
+        self.admitted = Gauge(
+            "evit_admitted_requests", "Requests admitted and not yet batched (decoding or queued); capped "
+            "by the queue size.", ["model"], registry=r,
+        )
+        self.ready = Gauge(
+            "evit_ready", "1 when the service is ready to take requests (loaded, warmed up, not draining).",
+            registry=r,
+        )
+
+    def init_model(self, model: str) -> None:
+        """Export zero-valued series for a model at start-up, so dashboards see it before traffic."""
+        for m in (self.queue_wait, self.batch_size, self.batch_inference, self.decode_duration):
+            m.labels(model=model)
+        self.queue_depth.labels(model=model).set(0)
+        self.admitted.labels(model=model).set(0)
+
+    def count_request(self, model: str, keep_rate: float | None, code: int, seconds: float) -> None:
+        rate = rate_label(keep_rate)
+        self.requests.labels(model=model, keep_rate=rate, code=str(code)).inc()
+        if code == 200:
+            self.request_duration.labels(model=model, keep_rate=rate).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

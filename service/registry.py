@@ -1,0 +1,178 @@
+"""The hosted models: loaded once, placed on the device, with their preprocessing and metadata."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from timm.data import ImageNetInfo, infer_imagenet_subset, resolve_model_data_config
+from torch import nn
+
+import evit
+from service.errors import ApiError
+from service.images import ImageLimits, Preprocessor, check_formats
+from service.settings import ASSET_CHECKPOINT, ModelSpec, Settings
+
+log = logging.getLogger("service.registry")
+
+REPORTED_RATES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)  # keep rates /models reports GMACs at
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says which setting fixes it."""
+
+
+@dataclass
+class HostedModel:
+    spec: ModelSpec
+    model: nn.Module
+    device: torch.device
+    dtype: torch.dtype
+    data_config: dict[str, Any]
+    preprocess: Preprocessor
+    labels: list[str]
+    ready: bool = False
+    _gmacs: dict[float, float] = field(default_factory=dict, repr=False)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.model.num_classes)
+
+    @property
+    def default_keep_rate(self) -> float:
+        return float(self.model.evit_cfg.keep_rate)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.model.patch_embed.grid_size)  # type: ignore[return-value]
+
+    def gmacs(self, keep_rate: float) -> float:
+        """GMACs per image at ``keep_rate``, memoised (the batch-formation policy asks per batch)."""
+        value = self._gmacs.get(keep_rate)
+        if value is None:
+            if len(self._gmacs) > 4096:
+                self._gmacs.clear()
+            value = self._gmacs[keep_rate] = self.model.cost(keep_rate).gmacs
+        return value
+
+    def info(self) -> dict[str, Any]:
+        costs = {r: self.model.cost(r) for r in REPORTED_RATES}
+        return {
+            "name": self.name,
+            "architecture": self.spec.arch,
+            "input_size": tuple(self.data_config["input_size"]),
+            "num_classes": self.num_classes,
+            "num_patches": int(self.model.num_patches),
+            "prune_blocks": tuple(self.model.evit_cfg.prune_blocks),
+            "fuse": bool(self.model.evit_cfg.fuse),
+            "default_keep_rate": self.default_keep_rate,
+            "weights": self.spec.weights,
+            "random_weights": self.spec.random_weights,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "ready": self.ready,
+            "gmacs": {f"{r:.2f}": round(c.gmacs, 4) for r, c in costs.items()},
+            "tokens": {f"{r:.2f}": c.total_tokens for r, c in costs.items()},
+        }
+
+
+class Registry:
+    """Hosted models by name; the first one is the default for requests that name none."""
+
+    def __init__(self, models: list[HostedModel]) -> None:
+        if not models:
+            raise ValueError("at least one model must be hosted")
+        self.models = {m.name: m for m in models}
+        self.default = models[0].name
+
+    def get(self, name: str | None) -> HostedModel:
+        model = self.models.get(name or self.default)
+        if model is None:
+            raise ApiError(404, f"unknown model {name!r}; hosted: {', '.join(self.models)}", "unknown_model")
+        return model
+
+    def __iter__(self) -> Iterator[HostedModel]:
+        return iter(self.models.values())
+
+    @property
+    def devices(self) -> set[torch.device]:
+        return {m.device for m in self}
+
+
+def resolve_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {setting} was asked for but CUDA is not available (use --device cpu)")
+    return device
+
+
+def data_config_for(model: nn.Module) -> dict[str, Any]:
+    """timm's data config, with the input size the model was built for (its pretrained cfg may say 224)."""
+    config = dict(resolve_model_data_config(model))
+    config["input_size"] = (3, *model.patch_embed.img_size)
+    return config
+
+
+def labels_for(model: nn.Module, spec: ModelSpec) -> list[str]:
+    n = int(model.num_classes)
+    if spec.labels is not None:
+        if len(spec.labels) != n:
+            raise ModelLoadError(f"model {spec.name}: {len(spec.labels)} labels given for {n} classes")
+        return list(spec.labels)
+    if n == 1000 and infer_imagenet_subset(model) == "imagenet-1k":
+        info = ImageNetInfo()
+        return [info.index_to_description(i) for i in range(n)]
+    return [f"class_{i}" for i in range(n)]
+
+
+def build_model(spec: ModelSpec, seed: int) -> nn.Module:
+    weights = spec.weights
+    kwargs = dict(prune_blocks=spec.prune_blocks, fuse=spec.fuse, keep_rate=spec.keep_rate, **spec.model_kwargs)
+    try:
+        if weights == "random":
+            torch.manual_seed(seed)
+            return evit.create_model(spec.arch, pretrained=False, **kwargs)
+        if weights == "hub":
+            return evit.create_model(spec.arch, pretrained=True, **kwargs)
+        return evit.create_model(spec.arch, checkpoint_path=weights, **kwargs)
+    except evit.WeightsError as e:
+        hint = (
+            f"Without network access, serve a local checkpoint: --model ARCH --checkpoint PATH "
+            f"(env EVIT_MODEL / EVIT_CHECKPOINT), e.g. --model vit_tiny_patch16_224 --checkpoint {ASSET_CHECKPOINT}; "
+            f"or --random-weights (EVIT_RANDOM_WEIGHTS=1) for a smoke test with meaningless predictions."
+        )
+        raise ModelLoadError(f"model {spec.name!r} ({spec.arch}): {e}\n{hint}") from e
+    except (ValueError, RuntimeError, TypeError) as e:  # unknown architecture, bad prune blocks, no cls token
+        raise ModelLoadError(f"model {spec.name!r} ({spec.arch}): {e}") from e
+
+
+def host(spec: ModelSpec, settings: Settings, device: torch.device) -> HostedModel:
+    """Build one model, move it to ``device`` (float16 on CUDA when ``settings.half``), eval mode."""
+    model = build_model(spec, settings.seed)
+    dtype = torch.float16 if device.type == "cuda" and settings.half else torch.float32
+    model = model.to(device=device, dtype=dtype).eval()
+    config = data_config_for(model)
+    limits = ImageLimits(settings.max_image_pixels, check_formats(settings.image_formats), settings.jpeg_draft)
+    hosted = HostedModel(spec, model, device, dtype, config, Preprocessor(config, limits), labels_for(model, spec))
+    if spec.random_weights:
+        log.warning("model %s serves RANDOM weights: its predictions are meaningless", spec.name,
+                    extra={"model": spec.name, "random_weights": True})
+    log.info("hosting %s (%s, weights %s) on %s", spec.name, spec.arch, spec.weights, device,
+             extra={"model": spec.name, "prune_blocks": list(model.evit_cfg.prune_blocks)})
+    return hosted
+
+
+def load_registry(settings: Settings) -> Registry:
+    device = resolve_device(settings.device)
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    return Registry([host(spec, settings, device) for spec in settings.model_specs()])

@@ -1,0 +1,191 @@
+"""The running service: models, batcher, decode pool, readiness and draining, and the one inference path
+that ``/classify`` and the Open Inference Protocol routes share."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from urllib.parse import parse_qs
+
+from fastapi import Request
+from starlette.types import Receive, Scope
+
+from service.batcher import Batcher, Pending
+from service.errors import CLIENT_GONE, ApiError
+from service.metrics import NO_MODEL, Metrics
+from service.registry import HostedModel, Registry, load_registry
+from service.settings import Settings
+from service.worker import Sample, SampleResult
+
+log = logging.getLogger("service.runtime")
+
+_V2_INFER = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]+)?/infer$")
+
+
+@dataclass(frozen=True)
+class Answer:
+    model: HostedModel
+    keep_rate: float
+    result: SampleResult
+    decode_s: float
+    queue_s: float
+    total_s: float
+
+
+class Service:
+    def __init__(self, settings: Settings, registry: Registry | None = None) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.metrics = Metrics()
+        self.batcher: Batcher | None = None
+        self.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="evit-decode")
+        self.warmed = False
+        self.draining = False
+        self._drain_task: asyncio.Task[bool] | None = None
+        self._warm_task: asyncio.Task[None] | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self.warmed and not self.draining
+
+    async def start(self) -> None:
+        """Load (unless given), start the batch formers, and warm up in the background (/readyz waits)."""
+        if self.registry is None:
+            self.registry = await asyncio.to_thread(load_registry, self.settings)
+        self.batcher = Batcher(self.registry, self.settings, self.metrics)
+        self.batcher.start()
+        self._warm_task = asyncio.create_task(self._warm_up(), name="warm-up")
+
+    async def _warm_up(self) -> None:
+        assert self.batcher is not None and self.registry is not None
+        if self.settings.warmup:
+            await self.batcher.warm_up()
+        for m in self.registry:
+            m.ready = True
+        self.warmed = True
+        self.metrics.ready.set(0 if self.draining else 1)
+        log.info("ready", extra={"models": list(self.registry.models)})
+
+    def begin_drain(self) -> asyncio.Task[bool]:
+        """Readiness false and new requests 503 from now on; the task ends when admitted requests are answered."""
+        if self._drain_task is None:
+            self.draining = True
+            self.metrics.ready.set(0)
+            log.info("draining: refusing new requests, finishing admitted ones")
+            self._drain_task = asyncio.create_task(self._drain(), name="drain")
+        return self._drain_task
+
+    async def _drain(self) -> bool:
+        if self.batcher is None:
+            return True
+        done = await self.batcher.drain(self.settings.drain_timeout_s)
+        log.info("drained" if done else "drain timed out with requests still admitted")
+        return done
+
+    async def stop(self) -> None:
+        await self.begin_drain()
+        if self._warm_task is not None:
+            self._warm_task.cancel()
+            await asyncio.gather(self._warm_task, return_exceptions=True)
+        if self.batcher is not None:
+            await self.batcher.stop()
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    def check_accepting(self) -> None:
+        if self.draining:
+            raise ApiError(503, "the service is shutting down", "draining", {"Retry-After": "1"})
+        if not self.warmed:
+            raise ApiError(503, "the service is not ready yet (loading or warming up)", "not_ready",
+                           {"Retry-After": "1"})
+
+    # -- the inference path --------------------------------------------------------------------------
+    def model(self, name: str | None) -> HostedModel:
+        if self.registry is None:
+            raise ApiError(503, "the service is not ready yet (loading models)", "not_ready", {"Retry-After": "1"})
+        return self.registry.get(name)
+
+    async def infer(
+        self, request: Request, hosted: HostedModel, keep_rate: float | None, top_k: int, want_kept: bool,
+        read: Callable[[], Awaitable[bytes]],
+    ) -> Answer:
+        """Admit, read and decode the image, queue it, and wait for its answer (or 504 / client gone)."""
+        rate = hosted.default_keep_rate if keep_rate is None else keep_rate
+        request.state.log.update(model=hosted.name, keep_rate=rate)
+        request.state.metric_labels = (hosted.name, rate)
+        if top_k > hosted.num_classes:
+            raise ApiError(422, f"top_k={top_k} is more than the model's {hosted.num_classes} classes",
+                           "invalid_parameter")
+        self.check_accepting()
+        assert self.batcher is not None
+        started: float = request.state.started
+        with self.batcher.admit(hosted.name) as ticket:
+            data = await read()
+            t0 = time.monotonic()
+            loop = asyncio.get_running_loop()
+            try:
+                tensor = await loop.run_in_executor(self.decode_pool, hosted.preprocess, data)
+            finally:
+                self.metrics.decode_duration.labels(model=hosted.name).observe(time.monotonic() - t0)
+            decode_s = time.monotonic() - t0
+            deadline = started + self.settings.request_timeout_s
+            if time.monotonic() >= deadline:
+                raise ApiError(504, "request timed out before it could be queued", "timeout")
+            item = self.batcher.submit(ticket, Sample(tensor, rate, top_k, want_kept), deadline)
+            result = await self._wait(request.receive, item)
+        total = time.monotonic() - started
+        request.state.log.update(batch_size=result.batch_size, queue_ms=round(item.queue_s * 1000, 3),
+                                 inference_ms=round(result.inference_s * 1000, 3))
+        return Answer(hosted, rate, result, decode_s, item.queue_s, total)
+
+    async def _wait(self, receive: Receive, item: Pending) -> SampleResult:
+        watcher = asyncio.ensure_future(_client_gone(receive))
+        try:
+            timeout = max(item.deadline - time.monotonic(), 0.0)
+            done, _ = await asyncio.wait({item.future, watcher}, timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if item.future.done():
+                return item.future.result()  # an ApiError (504 from the queue, 500) raises here
+            if watcher in done:
+                raise ApiError(CLIENT_GONE, "client closed the connection; request dropped", "client_closed_request")
+            raise ApiError(504, f"no answer within the request timeout ({self.settings.request_timeout_s:g} s)",
+                           "timeout")
+        finally:
+            watcher.cancel()
+            item.future.cancel()  # no-op when answered; otherwise the batcher drops it unrun
+
+    # -- request metrics (called by the logging middleware once per response) ------------------------
+    def count_request(self, scope: Scope, status: int, seconds: float) -> None:
+        path = scope["path"]
+        name_in_path = _V2_INFER.match(path)
+        if path != "/classify" and name_in_path is None:
+            return
+        state = scope.get("state", {})
+        labels = state.get("metric_labels")
+        if labels is None:  # refused before the route ran (422): label with the model it named, if hosted
+            named = name_in_path.group(1) if name_in_path else _query_param(scope, "model")
+            labels = (self._hosted_name(named), None)
+        self.metrics.count_request(labels[0], labels[1], status, seconds)
+
+    def _hosted_name(self, name: str | None) -> str:
+        """A metric label that only ever holds hosted model names."""
+        if self.registry is None:
+            return NO_MODEL
+        name = name or self.registry.default
+        return name if name in self.registry.models else NO_MODEL
+
+
+async def _client_gone(receive: Receive) -> None:
+    """Returns when the client disconnects (the body has been read, so nothing else can arrive)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def _query_param(scope: Scope, key: str) -> str | None:
+    values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get(key)
+    return values[0] if values else None

@@ -1,0 +1,107 @@
+"""Pydantic models for every response body of the service, errors included (they document the OpenAPI)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class Prediction(BaseModel):
+    label: str
+    class_index: int
+    probability: float
+
+
+class Timings(BaseModel):
+    decode_ms: float = Field(description="validating, decoding and preprocessing the image")
+    queue_ms: float = Field(description="waiting in the batching queue")
+    inference_ms: float = Field(description="the forward pass of the request's batch")
+    total_ms: float = Field(description="from request arrival to the answer")
+
+
+class KeptStage(BaseModel):
+    block: int = Field(description="0-based block after whose attention the tokens were reorganized")
+    patches: list[int] = Field(description="original patch indices (row-major) still their own token")
+
+
+class KeptPatches(BaseModel):
+    grid: tuple[int, int] = Field(description="patch grid (rows, columns) of the model input")
+    stages: list[KeptStage]
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    keep_rate: float = Field(description="the keep rate used")
+    predictions: list[Prediction] = Field(description="top-k classes, most probable first")
+    tokens: int = Field(description="tokens the transformer blocks processed, summed over blocks")
+    timings: Timings
+    batch_size: int = Field(description="samples in the forward pass that served this request")
+    kept: KeptPatches | None = Field(None, description="with return_tokens=true: kept patches per stage")
+
+
+class ModelInfo(BaseModel):
+    name: str
+    architecture: str
+    input_size: tuple[int, int, int]
+    num_classes: int
+    num_patches: int
+    prune_blocks: tuple[int, ...]
+    fuse: bool
+    default_keep_rate: float
+    weights: str = Field(description="'hub', 'random' or the checkpoint path")
+    random_weights: bool = Field(description="true: predictions are meaningless")
+    device: str
+    dtype: str
+    ready: bool
+    gmacs: dict[str, float] = Field(description="GMACs per image at a few keep rates")
+    tokens: dict[str, int] = Field(description="tokens the blocks process per image at those keep rates")
+
+
+class ModelsResponse(BaseModel):
+    default: str
+    models: list[ModelInfo]
+
+
+class Health(BaseModel):
+    status: str = "ok"
+
+
+class Readiness(BaseModel):
+    ready: bool
+    draining: bool
+    models: dict[str, bool]
+
+
+class ErrorResponse(BaseModel):
+    status: int = Field(description="the HTTP status code, repeated")
+    error: str = Field(description="a stable machine-readable error type, e.g. 'payload_too_large'")
+    message: str = Field(description="what went wrong, for humans")
+    request_id: str | None = None
+    details: list[dict[str, Any]] | None = Field(None, description="per-field problems (422)")
+
+
+_ERRORS: dict[int, str] = {
+    400: "The image could not be decoded (corrupt, truncated or empty).",
+    404: "No hosted model has that name.",
+    413: "The body is over the byte limit or the image over the pixel limit (checked before decoding).",
+    415: "The body is not an image type the service accepts.",
+    422: "A parameter is invalid (keep_rate outside (0, 1] or not a number, top_k out of range, ...).",
+    499: "The client went away before the answer; the request was dropped before inference.",
+    503: "Not ready (loading, warming up or draining) or overloaded (queue full). See Retry-After.",
+    504: "The request was not answered within the request timeout; it was not run.",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` entries for the given status codes, all with the :class:`ErrorResponse` body."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for code in codes:
+        entry: dict[str, Any] = {"model": ErrorResponse, "description": _ERRORS[code]}
+        if code == 503:
+            entry["headers"] = {
+                "Retry-After": {"description": "seconds after which a retry should succeed",
+                                "schema": {"type": "integer"}}
+            }
+        out[code] = entry
+    return out

@@ -1,0 +1,89 @@
+"""The image bytes of a request: the raw body (image/*, application/octet-stream) or multipart field ``file``.
+
+The byte limit is enforced from ``Content-Length`` before reading and again while streaming (chunked
+uploads carry no length), so an oversized body is never held in memory whole.
+"""
+
+from __future__ import annotations
+
+from fastapi import Request
+from starlette.datastructures import UploadFile
+from starlette.requests import Request as StarletteRequest
+from starlette.types import Message
+
+from service.errors import ApiError
+
+RAW_TYPES = ("application/octet-stream",)
+UNSUPPORTED_IMAGE_TYPES = ("image/svg+xml",)  # vector images: nothing to decode into pixels
+
+REQUEST_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "description": "The image: the raw body (JPEG, PNG, WebP, GIF, BMP, TIFF, AVIF) or a multipart field 'file'.",
+        "content": {
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            "multipart/form-data": {
+                "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}},
+                           "required": ["file"]}
+            },
+        },
+    }
+}
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The whole body, refusing (413) as soon as it is known to exceed ``max_bytes``."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise ApiError(413, f"body of {declared} bytes is over the limit of {max_bytes}", "body_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise ApiError(413, f"body is over the limit of {max_bytes} bytes", "body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_image_bytes(request: Request, max_bytes: int) -> bytes:
+    """The uploaded image's bytes; 415 for a body that is declared as something other than an image."""
+    kind = media_type(request)
+    if kind and kind != "multipart/form-data" and (
+        kind in UNSUPPORTED_IMAGE_TYPES or not (kind.startswith("image/") or kind in RAW_TYPES)
+    ):
+        raise ApiError(
+            415, f"Content-Type {kind} is not accepted; send the image as the raw body (image/*) or as "
+            "multipart/form-data field 'file'", "unsupported_media_type",
+        )
+    body = await read_body(request, max_bytes)
+    if kind != "multipart/form-data":
+        return body
+    return await _multipart_file(request, body)
+
+
+async def _multipart_file(request: Request, body: bytes) -> bytes:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return {"type": "http.disconnect"}
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    form_request = StarletteRequest(request.scope, replay)
+    try:
+        async with form_request.form(max_files=1, max_fields=16) as form:
+            field = form.get("file")
+            if not isinstance(field, UploadFile):
+                raise ApiError(422, "multipart body has no file field 'file'", "missing_file")
+            return await field.read()
+    except ApiError:
+        raise
+    except Exception as e:  # malformed multipart framing
+        raise ApiError(400, f"malformed multipart body: {e}", "bad_multipart") from e

@@ -1,0 +1,121 @@
+"""The tensor side of batching: one thread per device runs forward passes for every model placed on it.
+
+It stages a pass's inputs (on CUDA: into a reused pinned buffer, then a non-blocking copy, in float16),
+runs ``forward_with_info`` with one keep rate per sample, and returns top-k probabilities, tokens and
+kept patches per sample. It knows tensors, never queues or HTTP.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from service.metrics import Metrics, rate_label
+from service.policy import PassCost
+from service.registry import HostedModel
+
+
+@dataclass(frozen=True)
+class Sample:
+    tensor: torch.Tensor  # 3, H, W (float32, from the preprocessor)
+    keep_rate: float
+    top_k: int
+    want_kept: bool
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    classes: list[int]  # top-k class indices, most probable first
+    probabilities: list[float]
+    tokens: int  # tokens the blocks processed for this sample, summed over blocks
+    kept: list[list[int]] | None  # per pruning stage: original patch indices still their own token
+    inference_s: float  # the whole pass
+    batch_size: int  # samples in the pass
+
+
+class DeviceWorker:
+    """The single thread that runs every forward pass on one device, in submission order."""
+
+    def __init__(self, device: torch.device, metrics: Metrics | None) -> None:
+        self.device = device
+        self.metrics = metrics
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"evit-{device}")
+        self._pinned: dict[str, torch.Tensor] = {}  # per model: max-batch staging buffer in pinned memory
+
+    def _stage(self, hosted: HostedModel, samples: Sequence[Sample]) -> torch.Tensor:
+        """B, 3, H, W on the model's device and dtype."""
+        tensors = [s.tensor for s in samples]
+        if self.device.type != "cuda":
+            return torch.stack(tensors).to(hosted.dtype)
+        buf = self._pinned.get(hosted.name)
+        if buf is None or buf.shape[0] < len(tensors):
+            buf = torch.empty((len(tensors), *tensors[0].shape), pin_memory=True)
+            self._pinned[hosted.name] = buf
+        staged = torch.stack(tensors, out=buf[: len(tensors)])
+        # Safe to reuse the buffer next pass: the results' .cpu() below waits for this copy to finish.
+        return staged.to(self.device, non_blocking=True).to(hosted.dtype)
+
+    def forward(self, hosted: HostedModel, samples: Sequence[Sample], record: bool = True) -> list[SampleResult]:
+        """One forward pass over ``samples`` (their keep rates may differ). Runs on this worker's thread."""
+        start = time.perf_counter()
+        want_kept = any(s.want_kept for s in samples)
+        k = min(max(s.top_k for s in samples), hosted.num_classes)
+        with torch.inference_mode():
+            x = self._stage(hosted, samples)
+            out = hosted.model.forward_with_info(x, keep_rate=[s.keep_rate for s in samples], return_kept=want_kept)
+            top = out.logits.float().softmax(dim=-1).topk(k, dim=-1)
+            probs, classes = top.values.cpu(), top.indices.cpu()  # B, k
+            tokens = out.tokens.cpu()  # B
+            kept = [stage.cpu() for stage in out.kept] if want_kept and out.kept else None  # stages of B, P
+        seconds = time.perf_counter() - start
+        n = len(samples)
+        results = []
+        for i, s in enumerate(samples):
+            stages = [stage[i].nonzero().flatten().tolist() for stage in kept] if kept and s.want_kept else None
+            results.append(SampleResult(
+                classes=classes[i, : s.top_k].tolist(), probabilities=probs[i, : s.top_k].tolist(),
+                tokens=int(tokens[i]), kept=stages, inference_s=seconds, batch_size=n,
+            ))
+        if record and self.metrics is not None:
+            self._record(hosted.name, samples, results, seconds)
+        return results
+
+    def _record(self, model: str, samples: Sequence[Sample], results: list[SampleResult], seconds: float) -> None:
+        m = self.metrics
+        assert m is not None
+        m.batch_size.labels(model=model).observe(len(samples))
+        m.batch_inference.labels(model=model).observe(seconds)
+        per_rate: dict[str, int] = {}
+        for s, r in zip(samples, results, strict=True):
+            label = rate_label(s.keep_rate)
+            per_rate[label] = per_rate.get(label, 0) + r.tokens
+        for label, tokens in per_rate.items():
+            m.tokens.labels(model=model, keep_rate=label).inc(tokens)
+
+    def warm_up(self, hosted: HostedModel, batch: int, repeats: int = 3) -> PassCost | None:
+        """Run the first passes (allocations, kernel selection) and fit the pass cost (see ``policy``)."""
+        generator = torch.Generator().manual_seed(0)
+        image = torch.randn(hosted.data_config["input_size"], generator=generator)
+
+        def timed(n: int, rates: Sequence[float]) -> float:
+            samples = [Sample(image, rates[i % len(rates)], 1, False) for i in range(n)]
+            best = float("inf")
+            for _ in range(repeats):
+                t = time.perf_counter()
+                self.forward(hosted, samples, record=False)
+                best = min(best, time.perf_counter() - t)
+            return best
+
+        t_single = timed(1, [1.0])
+        if batch < 2:
+            return None
+        t_batch = timed(batch, [1.0])
+        timed(batch, [hosted.default_keep_rate, 0.5, 1.0])  # the mixed-rate path
+        return PassCost.calibrate(t_single, t_batch, batch, hosted.gmacs(1.0))
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
