@@ -44,7 +44,7 @@ SHELL ["/bin/sh", "-eu", "-c"]
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
 # The torch/torchvision pins and the other runtime deps are read from pyproject.toml (one source of truth).
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=secret,id=pip_ca \
@@ -62,6 +62,7 @@ open("/tmp/deps.txt", "w").write("\n".join(d))'; \
         pip install -r /tmp/torch.txt; \
     fi; \
     pip install -r /tmp/deps.txt
+COPY README.md ./
 COPY evit ./evit
 COPY service ./service
 RUN --mount=type=cache,target=/root/.cache/pip \

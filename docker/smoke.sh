@@ -21,6 +21,8 @@
 #   SMOKE_BUILD_TIMEOUT_S (default 3600), SMOKE_READY_TIMEOUT_S (default 300)
 #   SMOKE_WEIGHTS       a .safetensors for vit_tiny_patch16_224 (default: ../shared/assets/...; if
 #                       absent the container runs random weights)
+#   SMOKE_SAMPLES       a folder with labels.tsv + JPEGs (default ../shared/assets/imagenet-sample; if
+#                       absent a generated image is sent and only the answer's shape is checked)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -33,7 +35,7 @@ net="evit-smoke-$$"
 work=$(mktemp -d /tmp/evit-smoke.XXXXXX)
 cache=${SMOKE_CACHE:-/var/tmp/evit-smoke}
 weights=${SMOKE_WEIGHTS:-$root/../shared/assets/weights/vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors}
-sample_dir="$root/../shared/assets/imagenet-sample"
+sample_dir=${SMOKE_SAMPLES:-$root/../shared/assets/imagenet-sample}
 t_start=$(date +%s)
 dockerd_pid=""
 made_network=""
