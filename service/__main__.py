@@ -52,14 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = parse_settings(argv)
     except ValidationError as e:
-        problems = "\n".join(f"  {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        problems = "\n".join(
+            f"  {'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg'].removeprefix('Value error, ')}"
+            for err in e.errors()
+        )
         print(f"evit-serve: invalid settings:\n{problems}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_json)
     try:
         registry = load_registry(settings)
     except ModelLoadError as e:
-        log.error("could not load the models: %s", e)
         print(f"evit-serve: {e}", file=sys.stderr)
         return 2
     app = create_app(settings, registry)

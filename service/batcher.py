@@ -4,7 +4,8 @@ A request is *admitted* first (a slot in the model's bounded queue, taken before
 so overload is refused cheaply with 503 + Retry-After), then *submitted* with its decoded tensor. A
 model's batch former takes a batch when it holds ``max_batch_size`` requests or its oldest request has
 waited ``max_wait``, and only while the model has no pass in flight: under load, requests that arrive
-during a pass form the next batch, so batches grow with load and never wait for nothing. Requests whose
+during a pass form the next batch, so batches grow with load. When requests arrive further apart than
+``max_wait`` on average (low load), waiting could only add latency, so an idle model runs at once. Requests whose
 client went away or whose deadline passed are dropped when the batch is formed: they are never run. The
 batch is split into forward passes by ``policy.plan_passes`` and each pass's requests are answered as soon
 as that pass ends.
@@ -40,6 +41,14 @@ class ModelQueue:
         self.running = False
         self.cost: PassCost | None = None  # calibrated at warm-up
         self.pass_s = 0.0  # moving average of a batch's time, for Retry-After
+        self.gap_s = math.inf  # moving average of the time between arrivals
+        self.last_arrival: float | None = None
+
+    def arrived(self, now: float) -> None:
+        if self.last_arrival is not None:
+            gap = now - self.last_arrival
+            self.gap_s = gap if math.isinf(self.gap_s) else 0.7 * self.gap_s + 0.3 * gap
+        self.last_arrival = now
 
 
 class Ticket:
@@ -135,6 +144,7 @@ class Batcher:
     def submit(self, ticket: Ticket, sample: Sample, deadline: float) -> Pending:
         q = ticket.queue
         item = Pending(sample, deadline, asyncio.get_running_loop().create_future(), ticket)
+        q.arrived(item.enqueued)
         q.items.append(item)
         self.metrics.queue_depth.labels(model=q.hosted.name).set(len(q.items))
         q.wake.set()
@@ -166,7 +176,8 @@ class Batcher:
             timeout = None
             if q.items:
                 waited = time.monotonic() - q.items[0].enqueued
-                if len(q.items) >= self.settings.max_batch_size or waited >= max_wait:
+                full = len(q.items) >= self.settings.max_batch_size
+                if full or waited >= max_wait or q.gap_s > max_wait:  # no company expected in time: go now
                     return
                 timeout = max_wait - waited
             q.wake.clear()

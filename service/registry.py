@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from timm.data import ImageNetInfo, infer_imagenet_subset, resolve_model_data_config
@@ -134,6 +138,26 @@ def labels_for(model: nn.Module, spec: ModelSpec) -> list[str]:
     return [f"class_{i}" for i in range(n)]
 
 
+def hub_offline_if_unreachable(timeout_s: float = 3.0) -> None:
+    """Without a route to the hub, use Hugging Face's local cache at once instead of a minute of retries."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    resolved = threading.Event()
+
+    def resolve() -> None:
+        with contextlib.suppress(OSError):
+            socket.getaddrinfo(host, 443)
+            resolved.set()
+
+    threading.Thread(target=resolve, daemon=True).start()
+    if not resolved.wait(timeout_s):
+        constants.HF_HUB_OFFLINE = True
+        log.warning("%s cannot be resolved: loading hub weights from the local cache only", host)
+
+
 def build_model(spec: ModelSpec, seed: int) -> nn.Module:
     weights = spec.weights
     kwargs = dict(prune_blocks=spec.prune_blocks, fuse=spec.fuse, keep_rate=spec.keep_rate, **spec.model_kwargs)
@@ -142,6 +166,7 @@ def build_model(spec: ModelSpec, seed: int) -> nn.Module:
             torch.manual_seed(seed)
             return evit.create_model(spec.arch, pretrained=False, **kwargs)
         if weights == "hub":
+            hub_offline_if_unreachable()
             return evit.create_model(spec.arch, pretrained=True, **kwargs)
         return evit.create_model(spec.arch, checkpoint_path=weights, **kwargs)
     except evit.WeightsError as e:
