@@ -1,0 +1,104 @@
+"""Image validation and decoding: header checks before decoding, EXIF, every mode to RGB."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from service.errors import ApiError
+from service.images import ImageLimits, Preprocessor, check_formats, open_image, to_rgb
+
+CONFIG = {"input_size": (3, 32, 32), "interpolation": "bicubic", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
+          "crop_pct": 0.9, "crop_mode": "center"}
+LIMITS = ImageLimits(max_pixels=4_000_000, formats=check_formats(["JPEG", "PNG", "WEBP", "TIFF", "GIF"]))
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **save) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **save)
+    return buf.getvalue()
+
+
+def gradient(size=(40, 30)) -> Image.Image:
+    w, h = size
+    x = np.linspace(0, 255, w, dtype=np.float32)[None, :, None]
+    y = np.linspace(0, 255, h, dtype=np.float32)[:, None, None]
+    rgb = np.concatenate([np.broadcast_to(x, (h, w, 1)), np.broadcast_to(y, (h, w, 1)),
+                          np.broadcast_to((x + y) / 2, (h, w, 1))], axis=2)
+    return Image.fromarray(rgb.astype(np.uint8), "RGB")
+
+
+def test_output_follows_the_data_config() -> None:
+    pre = Preprocessor(CONFIG, LIMITS)
+    x = pre(encode(gradient((64, 48))))
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0  # mean = std = 0.5: pixels land in [-1, 1]
+
+
+def test_exif_orientation_is_applied() -> None:
+    pre = Preprocessor(CONFIG, LIMITS)
+    upright = gradient((40, 30))
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # pixels stored turned 90 degrees counter-clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    rotated = pre(encode(stored, "PNG", exif=exif))
+    assert torch.allclose(rotated, pre(encode(upright)), atol=1e-5)
+    assert not torch.allclose(pre(encode(stored)), pre(encode(upright)), atol=1e-2)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "CMYK", "1"])
+def test_modes_become_rgb(mode: str) -> None:
+    img = gradient().convert(mode)
+    out = to_rgb(Image.open(io.BytesIO(encode(img, "TIFF" if mode == "CMYK" else "PNG"))))
+    assert out.mode == "RGB" and out.size == img.size
+    assert np.array_equal(np.asarray(out), np.asarray(img.convert("RGB")))
+
+
+def test_alpha_is_composited_on_white() -> None:
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))  # fully transparent red
+    rgba.paste((0, 0, 255, 255), (0, 0, 4, 8))  # opaque blue left half
+    out = np.asarray(to_rgb(Image.open(io.BytesIO(encode(rgba)))))
+    assert (out[:, :4] == (0, 0, 255)).all() and (out[:, 4:] == (255, 255, 255)).all()
+    palette = rgba.convert("P")  # palette with a transparent index
+    assert palette.mode == "P"
+
+
+def test_sixteen_bit_is_scaled_not_clipped() -> None:
+    levels = np.arange(0, 256, dtype=np.uint16).reshape(16, 16)
+    deep = Image.fromarray(levels * 257)  # 16-bit: 0..65535
+    decoded = Image.open(io.BytesIO(encode(deep)))
+    assert decoded.mode.startswith("I")
+    out = np.asarray(to_rgb(decoded))
+    assert np.array_equal(out[..., 0], levels.astype(np.uint8)) and np.array_equal(out[..., 1], out[..., 2])
+
+
+def test_pixel_limit_checked_from_header_before_decoding() -> None:
+    big = Image.new("L", (2100, 2000))  # 4.2 MP, a few kB of PNG
+    data = encode(big)
+    img = open_image(data, ImageLimits(max_pixels=5_000_000, formats=LIMITS.formats))
+    assert img.size == (2100, 2000) and img._im is None  # header read, no pixel decoded yet
+    with pytest.raises(ApiError) as e:
+        open_image(data, LIMITS)
+    assert e.value.status == 413 and "4200000" in e.value.message
+
+
+def test_truncated_unknown_and_unsupported() -> None:
+    pre = Preprocessor(CONFIG, LIMITS)
+    jpeg = encode(gradient((64, 64)), "JPEG", quality=95)
+    for data, status in ((jpeg[: len(jpeg) * 2 // 3], 400), (b"GIF89a-but-not-really", 400), (b"", 400),
+                         (encode(gradient(), "BMP"), 415)):
+        with pytest.raises(ApiError) as e:
+            pre(data)
+        assert e.value.status == status
+
+
+def test_large_jpeg_drafted_close_to_full_decode() -> None:
+    img = gradient((1200, 900))
+    data = encode(img, "JPEG", quality=95)
+    fast = Preprocessor(CONFIG, LIMITS)(data)
+    exact = Preprocessor(CONFIG, ImageLimits(LIMITS.max_pixels, LIMITS.formats, jpeg_draft=False))(data)
+    assert (fast - exact).abs().mean() < 0.02  # DCT-domain downscaling changes pixels a little, not content

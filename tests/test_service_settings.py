@@ -1,0 +1,93 @@
+"""Settings from the environment and flags; model loading errors that name the setting to fix them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+import evit
+from service.__main__ import main
+from service.metrics import rate_label
+from service.registry import ModelLoadError, load_registry
+from service.settings import ASSET_CHECKPOINT, parse_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    import os
+
+    for key in list(os.environ):
+        if key.startswith("EVIT_"):
+            monkeypatch.delenv(key)
+
+
+def test_defaults_and_flags_override_env(monkeypatch) -> None:
+    s = parse_settings([])
+    (spec,) = s.model_specs()
+    assert (spec.name, spec.arch, spec.weights, s.device) == ("deit_small_patch16_224",) * 2 + ("hub", "auto")
+    monkeypatch.setenv("EVIT_MAX_BATCH_SIZE", "32")
+    monkeypatch.setenv("EVIT_MAX_WAIT_MS", "7.5")
+    monkeypatch.setenv("EVIT_MODEL", "vit_tiny_patch16_224")
+    monkeypatch.setenv("EVIT_CHECKPOINT", "/w/tiny.safetensors")
+    s = parse_settings(["--max-batch-size", "4"])
+    assert (s.max_batch_size, s.max_wait_ms) == (4, 7.5)
+    (spec,) = s.model_specs()
+    assert (spec.arch, spec.weights) == ("vit_tiny_patch16_224", "/w/tiny.safetensors")
+
+
+def test_several_models_and_full_specs(monkeypatch) -> None:
+    s = parse_settings(["--model", "small=deit_small_patch16_224", "--model", "vit_tiny_patch16_224",
+                        "--random-weights", "--prune-blocks", "2,5,8", "--keep-rate", "0.7"])
+    specs = s.model_specs()
+    assert [(m.name, m.arch, m.weights, m.prune_blocks, m.keep_rate) for m in specs] == [
+        ("small", "deit_small_patch16_224", "random", (2, 5, 8), 0.7),
+        ("vit_tiny_patch16_224", "vit_tiny_patch16_224", "random", (2, 5, 8), 0.7),
+    ]
+    monkeypatch.setenv("EVIT_MODELS", json.dumps([{"name": "t", "arch": "vit_tiny_patch16_224", "weights": "random",
+                                                   "model_kwargs": {"img_size": 32}}]))
+    (spec,) = parse_settings(["--port", "9000"]).model_specs()
+    assert (spec.name, spec.model_kwargs) == ("t", {"img_size": 32})
+    (spec,) = parse_settings(["--model", "vit_tiny_patch16_224"]).model_specs()  # flat flags replace EVIT_MODELS
+    assert spec.name == "vit_tiny_patch16_224"
+
+
+@pytest.mark.parametrize("argv", [
+    ["--keep-rate", "0"], ["--keep-rate", "1.5"], ["--keep-rate", "nan"], ["--device", "tpu"],
+    ["--max-batch-size", "0"], ["--model", "a", "--checkpoint", "x", "--checkpoint", "y"],
+    ["--model", "a=vit_tiny_patch16_224", "--model", "a=deit_small_patch16_224"],
+])
+def test_invalid_settings(argv, capsys) -> None:
+    with pytest.raises(ValidationError):
+        parse_settings(argv)
+    assert main(argv) == 2
+    assert "invalid settings" in capsys.readouterr().err
+
+
+def test_offline_hub_names_the_checkpoint_setting(monkeypatch) -> None:
+    def offline(*args, **kwargs):
+        raise evit.WeightsError("could not load timm's pretrained weights (hub unreachable)")
+
+    monkeypatch.setattr(evit, "create_model", offline)
+    monkeypatch.setattr("service.registry.hub_offline_if_unreachable", lambda: None)
+    with pytest.raises(ModelLoadError) as e:
+        load_registry(parse_settings(["--device", "cpu"]))
+    message = str(e.value)
+    assert "--checkpoint" in message and "EVIT_CHECKPOINT" in message and ASSET_CHECKPOINT in message
+    assert "--random-weights" in message
+
+
+def test_missing_checkpoint_exits_with_a_clear_message(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr("service.__main__.configure_logging", lambda *a: None)  # keep pytest's log handlers
+    argv = ["--model", "vit_tiny_patch16_224", "--checkpoint", str(tmp_path / "absent.safetensors")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "absent.safetensors" in err and "checkpoint" in err and "Traceback" not in err
+
+
+def test_keep_rate_labels_are_bucketed() -> None:
+    assert [rate_label(r) for r in (1.0, 0.62, 0.625, 0.5, 0.33, 0.01, None)] == [
+        "1.00", "0.60", "0.60", "0.50", "0.35", "0.05", "none"]
+    assert len({rate_label(i / 1000) for i in range(1, 1001)}) == 20  # bounded cardinality
