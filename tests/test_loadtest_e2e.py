@@ -117,33 +117,33 @@ def run_tool(tmp_path, args: str) -> dict:
 
 
 def test_closed_loop_percentiles_match_injected_latency(tmp_path):
-    with fake_server("--latency", "0.5=0.03,1.0=0.08", "--fail", "0.3=503") as url:
+    """Keep rate 0.1 answers at once (the HTTP round trip on this machine, right now); 0.5 and 1.0 sleep
+    30 and 80 ms first. Each percentile is at least the injected sleep, and the medians sit that far above
+    the round trip's median, however busy the shared CPU is."""
+    with fake_server("--latency", "0.1=0,0.5=0.03,1.0=0.08", "--fail", "0.3=503") as url:
         res = run_tool(
             tmp_path,
             f"--url {url} --concurrency 4 --duration 2 --warmup 0.3 "
-            "--keep-rates 0.5:2,1.0:2,0.3:1 --image-size 32 --generated 2",
+            "--keep-rates 0.1:2,0.5:2,1.0:2,0.3:1 --image-size 32 --generated 2",
         )
-    fast, slow, failing = (res["per_keep_rate"][k] for k in ("0.5", "1.0", "0.3"))
+    base, fast, slow, failing = (res["per_keep_rate"][k] for k in ("0.1", "0.5", "1.0", "0.3"))
+    assert base["p50"] < 0.1
     for stats, injected in ((fast, 0.03), (slow, 0.08)):
         assert stats["ok"] == stats["sent"] > 5 and stats["errors"] == {}
-        # The injected sleep is a floor; loopback HTTP on a busy 2-core box adds a few ms on top.
-        for key in ("p50", "p90"):
-            assert injected <= stats[key] <= injected + 0.03, (key, stats)
-        assert injected <= stats["p99"] <= stats["max"] <= injected + 0.15
-    assert slow["p50"] - fast["p50"] == pytest.approx(0.05, abs=0.015)
+        assert injected <= stats["p50"] <= stats["p90"] <= stats["p95"] <= stats["p99"] <= stats["max"] < 2
+        assert stats["p50"] - base["p50"] == pytest.approx(injected, abs=0.02), (stats, base)
     assert failing["ok"] == 0 and failing["errors"] == {"503": failing["sent"]} and failing["p50"] is None
-    assert res["sent"] == fast["sent"] + slow["sent"] + failing["sent"]
-    assert res["throughput"] == pytest.approx((fast["ok"] + slow["ok"]) / res["seconds"])
-    # Four clients each waiting ~55 ms on average can do no more than ~4/0.055 answers/s.
-    assert 20 < res["overall"]["throughput"] + failing["sent"] / res["seconds"] < 4 / 0.03
+    assert res["sent"] == base["sent"] + fast["sent"] + slow["sent"] + failing["sent"]
+    assert res["ok"] == base["ok"] + fast["ok"] + slow["ok"]
+    assert res["throughput"] == pytest.approx(res["ok"] / res["seconds"])
     assert res["latency_unit"] == "seconds"
 
     server, check = res["server"], res["cross_check"]
     assert check["match"], check
-    assert check["client_total"] == {"200": fast["ok"] + slow["ok"], "503": failing["sent"]}
+    assert check["client_total"] == {"200": res["ok"], "503": failing["sent"]}
     assert server["per_keep_rate"]["0.5"]["tokens_per_request"] == 50
     assert server["per_keep_rate"]["1.0"]["tokens_per_request"] == 100
-    tokens = 50 * fast["ok"] + 100 * slow["ok"]
+    tokens = 10 * base["ok"] + 50 * fast["ok"] + 100 * slow["ok"]
     assert server["tokens_per_second"] == pytest.approx(tokens / res["seconds"])
     model = server["per_model"]["fake"]
     assert model["mean_batch_size"] == FAKE_BATCH_SIZE
@@ -151,7 +151,7 @@ def test_closed_loop_percentiles_match_injected_latency(tmp_path):
     assert fast["tokens_per_request"] == 50 and fast["mean_keep_rate_used"] == 0.5
     assert (tmp_path / "latency.png").stat().st_size > 1000
     rows = {r["keep_rate"]: r for r in csv.DictReader((tmp_path / "results.csv").open())}
-    assert sorted(rows) == ["0.3", "0.5", "1.0", "all"]
+    assert sorted(rows) == ["0.1", "0.3", "0.5", "1.0", "all"]
     assert rows["0.3"]["errors"] == f"503:{failing['sent']}" and rows["0.3"]["p50"] == ""
     assert float(rows["0.5"]["p50"]) == fast["p50"] and int(rows["all"]["sent"]) == res["sent"]
 
@@ -171,11 +171,15 @@ def test_open_loop_reports_queueing_no_coordinated_omission(tmp_path):
         )
     stats = res["per_keep_rate"]["1.0"]
     assert stats["sent"] == stats["ok"] == 60  # the count is fixed by the schedule, not by the server
-    assert stats["p50"] == pytest.approx(0.05 + 0.025 * 29.5, abs=0.15)
-    assert stats["max"] == pytest.approx(0.05 + 0.025 * 59, abs=0.25)
-    assert res["client_send_lag"]["p99"] < 0.05  # the generator itself kept to its schedule
-    assert res["seconds"] == pytest.approx(60 * 0.05, abs=0.4)  # the drain is part of the run
-    assert res["throughput"] == pytest.approx(20, rel=0.15)  # what the server could do, not the 40 asked
+    # Floors that hold however slow the machine is: request i cannot finish before 0.05 * (i + 1).
+    assert stats["p50"] >= 0.05 + 0.025 * 29 - 0.01 and stats["max"] >= 0.05 + 0.025 * 59 - 0.01
+    # On a busy machine each request takes a little longer than 50 ms: use the measured service time.
+    service = res["seconds"] / 60
+    assert 0.05 <= service < 0.1
+    assert stats["p50"] == pytest.approx(30 * service - 0.025 * 29, abs=0.15)
+    assert stats["max"] == pytest.approx(60 * service - 0.025 * 59, abs=0.15)
+    assert res["client_send_lag"]["p99"] < 0.2  # the generator itself kept (roughly) to its schedule
+    assert res["throughput"] == pytest.approx(60 / res["seconds"]) and res["throughput"] <= 20.5  # not the 40 asked
 
 
 def test_sweep_and_request_bound(tmp_path):

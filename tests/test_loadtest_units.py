@@ -15,9 +15,9 @@ from service.loadtest.stats import Recorder
 from service.loadtest.workload import (
     KeepRateMix,
     arrival_offsets,
+    bucket_rate,
     generate_images,
     load_images,
-    server_bucket_label,
 )
 
 
@@ -112,15 +112,9 @@ def test_images_generated_and_from_folder(tmp_path):
         load_images(tmp_path / "missing")
 
 
-def test_server_bucket_labels():
-    assert [server_bucket_label(x) for x in ("0.7", "1.0", "0.73", "0.33", "0.5")] == [
-        "0.7",
-        "1.0",
-        "0.75",
-        "0.35",
-        "0.5",
-    ]
-    assert server_bucket_label("auto") == "auto"
+def test_bucket_rates_like_the_service():
+    assert [bucket_rate(x) for x in ("0.7", "1.0", "0.73", "0.33", "0.5", "0.01")] == [0.7, 1.0, 0.75, 0.35, 0.5, 0.05]
+    assert bucket_rate("auto") is None
 
 
 METRICS_BEFORE = """\
@@ -187,6 +181,16 @@ def test_server_summary_from_two_scrapes():
     assert not bad["match"] and not bad["per_keep_rate"]["0.5"]["match"] and bad["per_keep_rate"]["1.0"]["match"]
     auto = promscrape.cross_check({"auto": {"200": 14, "503": 2}}, {}, server)
     assert auto["unmapped_labels"] == ["auto"] and auto["match"] and "per_keep_rate" not in auto
+
+
+def test_cross_check_matches_labels_by_value():
+    """The service formats labels as "0.70"; the client says "0.7" (or 0.72, which buckets there too)."""
+    after = 'evit_requests_total{model="m",keep_rate="0.70",code="200"} 3\n'
+    after += 'evit_requests_total{model="m",keep_rate="1.00",code="200"} 2\n'
+    server = promscrape.summarize(promscrape.parse_metrics(after), seconds=1.0)
+    check = promscrape.cross_check({"0.72": {"200": 3}, "1.0": {"200": 2}}, {}, server)
+    assert check["match"] and set(check["per_keep_rate"]) == {"0.70", "1.00"}
+    assert not promscrape.cross_check({"0.72": {"200": 2}, "1.0": {"200": 3}}, {}, server)["match"]
 
 
 def test_bucket_quantile_edges():

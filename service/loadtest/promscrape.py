@@ -6,7 +6,7 @@ import math
 from collections import Counter, defaultdict
 from collections.abc import Mapping
 
-from service.loadtest.workload import server_bucket_label
+from service.loadtest.workload import bucket_rate
 
 REQUESTS = "evit_requests_total"  # {model, keep_rate, code}
 TOKENS = "evit_tokens_processed_total"  # {model, keep_rate}
@@ -127,19 +127,23 @@ def cross_check(
 ) -> dict:
     """Compare the client's counts (per keep-rate label, per status code) with the server's.
 
-    Client labels map to the server's label as they are when the server has that label, else bucketed
-    to 0.05. Words such as ``auto`` cannot be mapped (the server labels the rate it chose), so then only
-    the totals per status code are compared. Client-side failures (timeouts, refused connections) have
-    no status code and are left out.
+    A client label maps to the server's label with the same value once bucketed to 0.05 (``"0.7"`` and
+    ``"0.72"`` to ``"0.70"`` or ``"0.7"``, however the server formats it). Words such as ``auto`` cannot
+    be mapped (the server labels the rate it chose), so then only the totals per status code are compared.
+    Client-side failures (timeouts, refused connections) have no status code and are left out.
     """
     server_rates = server["per_keep_rate"]
     mapped: dict[str, Counter] = defaultdict(Counter)
     tokens: dict[str, float] = defaultdict(float)
     unmapped = []
+    by_value = {v: s for s in server_rates if (v := bucket_rate(s)) is not None}
     for label, codes in client_codes.items():
-        target = label if label in server_rates else server_bucket_label(label)
-        if target == label and not _is_number(label):
+        value = bucket_rate(label)
+        if value is None:
             unmapped.append(label)
+            target = label
+        else:
+            target = by_value.get(value, repr(value))
         mapped[target].update({c: n for c, n in codes.items() if c.isdigit() and n})
         tokens[target] += client_tokens.get(label, 0.0)
     client_total = sum((c for c in mapped.values()), Counter())
@@ -169,11 +173,3 @@ def cross_check(
     checks += [r["match"] and r.get("tokens_match", True) for r in result.get("per_keep_rate", {}).values()]
     result["match"] = all(checks)
     return result
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True

@@ -30,13 +30,13 @@ def rate_label(rate: float) -> str:
     return repr(float(rate))
 
 
-def server_bucket_label(label: str, step: float = 0.05) -> str:
-    """The label the service's metrics use for a keep rate: bucketed to ``step``, ``"0.7"``/``"1.0"``."""
+def bucket_rate(label: str, step: float = 0.05) -> float | None:
+    """The keep rate the service's metrics label a request with (bucketed to ``step``); None for words."""
     try:
         rate = float(label)
     except ValueError:
-        return label
-    return repr(round(round(rate / step) * step, 2))
+        return None
+    return round(max(1, round(rate / step)) * step, 6)
 
 
 @dataclass(frozen=True)
