@@ -5,7 +5,8 @@
 
 DIR holds an ImageFolder layout (one sub-folder per class, classes indexed in sorted order) or a
 ``labels.tsv`` (tab-separated, header row, columns ``filename`` and ``class_index``). Images are decoded
-and preprocessed once with timm's data config for the model; throughput times the forward passes only.
+and preprocessed once with timm's data config for the model; throughput times the forward passes only,
+every configuration on each batch in turn (median batch time), so load from elsewhere hits all alike.
 Writes ``results.json`` (``rows: [{keep_rate, fuse, top1, top5, gmacs, images_per_second, ...}]``),
 ``results.md`` and ``pareto.png``.
 """
@@ -15,9 +16,10 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -79,42 +81,58 @@ def load_images(paths: Sequence[Path], model: nn.Module, workers: int = 2) -> to
 
 @torch.inference_mode()
 def evaluate(
-    model: nn.Module,
+    models: dict[bool, nn.Module],
     images: torch.Tensor,
     labels: torch.Tensor,
-    keep_rate: float,
+    keep_rates: Sequence[float],
     batch_size: int = 64,
-    on_batch=None,
-) -> dict:
-    """One table row: accuracy, cost and forward-pass throughput of ``model`` at ``keep_rate``."""
-    model.eval()
-    model(images[: min(batch_size, len(images))], keep_rate=keep_rate)  # warm-up, not timed
-    k = min(5, model.num_classes)
-    top1 = top5 = tokens = 0
-    seconds = 0.0
+    on_batch: Callable[[int], object] | None = None,
+) -> list[dict]:
+    """One row per (fuse, keep rate): accuracy, cost and forward-pass throughput.
+
+    Batches are the outer loop and configurations the inner one, so a burst of load from elsewhere on the
+    machine slows every configuration alike; throughput is the batch size over the median batch time
+    (a last, smaller batch is left out of the median unless it is the only one).
+    """
+    configs = [(fuse, rate) for fuse in models for rate in keep_rates]
+    k = min(5, next(iter(models.values())).num_classes)
+    stats = {c: {"top1": 0, "top5": 0, "tokens": 0, "times": []} for c in configs}
+    for model in models.values():
+        model.eval()
+    for fuse, rate in configs:  # warm-up, not timed
+        models[fuse](images[:batch_size], keep_rate=rate)
     for start in range(0, len(images), batch_size):
         x, y = images[start : start + batch_size], labels[start : start + batch_size]  # B,3,H,W; B
-        t0 = time.perf_counter()
-        out = model.forward_with_info(x, keep_rate=keep_rate)
-        seconds += time.perf_counter() - t0
-        best = out.logits.topk(k, dim=1).indices  # B, k
-        top1 += (best[:, 0] == y).sum().item()
-        top5 += (best == y[:, None]).any(dim=1).sum().item()
-        tokens += out.tokens.sum().item()
-        if on_batch:
-            on_batch(len(x))
+        for fuse, rate in configs:
+            t0 = time.perf_counter()
+            out = models[fuse].forward_with_info(x, keep_rate=rate)
+            seconds = time.perf_counter() - t0
+            best = out.logits.topk(k, dim=1).indices  # B, k
+            entry = stats[(fuse, rate)]
+            entry["top1"] += (best[:, 0] == y).sum().item()
+            entry["top5"] += (best == y[:, None]).any(dim=1).sum().item()
+            entry["tokens"] += out.tokens.sum().item()
+            if len(x) == batch_size or not entry["times"]:
+                entry["times"].append(seconds / len(x))
+            if on_batch:
+                on_batch(len(x))
     n = len(images)
-    cost = model.cost(keep_rate)
-    return {
-        "keep_rate": keep_rate,
-        "fuse": model.evit_cfg.fuse,
-        "top1": top1 / n,
-        "top5": top5 / n,
-        "gmacs": cost.gmacs,
-        "tokens": tokens / n,
-        "images_per_second": n / seconds,
-        "images": n,
-    }
+    rows = []
+    for fuse, rate in configs:
+        entry = stats[(fuse, rate)]
+        rows.append(
+            {
+                "keep_rate": rate,
+                "fuse": fuse,
+                "top1": entry["top1"] / n,
+                "top5": entry["top5"] / n,
+                "gmacs": models[fuse].cost(rate).gmacs,
+                "tokens": entry["tokens"] / n,
+                "images_per_second": 1.0 / statistics.median(entry["times"]),
+                "images": n,
+            }
+        )
+    return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -236,11 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     images = load_images([p for p, _ in items], first, args.workers)
     decode_s = time.perf_counter() - t0
-    rows = []
     with tqdm(total=len(items) * len(fuses) * len(args.keep_rates), unit="img", disable=quiet) as bar:
-        for fuse in fuses:
-            for rate in args.keep_rates:
-                rows.append(evaluate(models[fuse], images, labels, rate, args.batch_size, bar.update))
+        rows = evaluate(models, images, labels, args.keep_rates, args.batch_size, bar.update)
     results = {
         "tool": "evit-eval",
         "model": args.model,
