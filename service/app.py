@@ -10,14 +10,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 
+from service import v2
 from service.errors import ApiError, install_error_handlers
 from service.logs import RequestLogMiddleware
 from service.metrics import CONTENT_TYPE
 from service.registry import Registry
-from service.runtime import Answer, Service
+from service.runtime import Answer, Service, ServiceDep
 from service.schemas import (
     ClassifyResponse,
     Health,
@@ -36,11 +37,6 @@ from service.upload import REQUEST_BODY_DOC, read_image_bytes
 router = APIRouter()
 
 
-def get_service(request: Request) -> Service:
-    return request.app.state.service
-
-
-ServiceDep = Annotated[Service, Depends(get_service)]
 KeepRate = Annotated[
     float | None,
     Query(gt=0.0, le=1.0, allow_inf_nan=False, description="fraction of patch tokens kept at each pruning "
@@ -145,5 +141,6 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     app.state.service = service
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(v2.router)
     app.add_middleware(RequestLogMiddleware, on_done=service.count_request)
     return app

@@ -10,9 +10,10 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Annotated
 from urllib.parse import parse_qs
 
-from fastapi import Request
+from fastapi import Depends, Request
 from starlette.types import Receive, Scope
 
 from service.batcher import Batcher, Pending
@@ -178,6 +179,13 @@ class Service:
             return NO_MODEL
         name = name or self.registry.default
         return name if name in self.registry.models else NO_MODEL
+
+
+def get_service(request: Request) -> Service:
+    return request.app.state.service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
 
 
 async def _client_gone(receive: Receive) -> None:

@@ -168,7 +168,7 @@ async def test_not_ready_until_warm(serve, tiny_settings, image_bytes, monkeypat
 
 
 async def test_overload_503_with_retry_after(serve, tiny_settings, image_bytes) -> None:
-    async with serve(tiny_settings(queue_size=2, max_wait_ms=1000.0, max_batch_size=8)) as (app, client):
+    async with serve(tiny_settings(queue_size=2, max_wait_ms=0.0, max_batch_size=8)) as (app, client):
         gate = Gate(app)
         batcher = app.state.service.batcher
         first = asyncio.create_task(client.post("/classify", content=image_bytes()))
@@ -237,7 +237,7 @@ async def test_client_gone_is_dropped_before_inference(serve, tiny_settings, ima
 
 async def test_mixed_rates_share_a_batch_and_match_solo(serve, tiny_settings, image_bytes) -> None:
     rates = [0.25, 0.5, 0.7, 1.0, 0.5, 0.9]
-    settings = tiny_settings(max_batch_size=8, max_wait_ms=500.0, batch_policy="mixed")
+    settings = tiny_settings(max_batch_size=8, max_wait_ms=0.0, batch_policy="mixed")  # gate forms the batch
     async with serve(settings) as (app, client):
         solo = []
         for i, rate in enumerate(rates):

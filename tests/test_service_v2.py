@@ -1,0 +1,113 @@
+"""Open Inference Protocol (KServe V2) routes with payloads in the protocol's JSON and binary forms."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+
+import pytest
+
+pytestmark = pytest.mark.anyio
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+async def test_health_and_metadata(serve, tiny_settings) -> None:
+    async with serve(tiny_settings()) as (_, client):
+        assert (await client.get("/v2/health/live")).json() == {"live": True}
+        assert (await client.get("/v2/health/ready")).json() == {"ready": True}
+        assert "binary_tensor_data" in (await client.get("/v2")).json()["extensions"]
+        meta = (await client.get("/v2/models/tiny")).json()
+        assert meta["name"] == "tiny" and meta["versions"] == ["1"]
+        assert meta["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
+        assert {o["name"] for o in meta["outputs"]} == {"probabilities", "classes", "labels", "tokens"}
+        assert (await client.get("/v2/models/tiny/ready")).json() == {"name": "tiny", "ready": True}
+        r = await client.get("/v2/models/nope")
+        assert r.status_code == 404 and r.json()["error"] == "unknown_model"
+        assert (await client.get("/v2/models/nope/ready")).status_code == 404
+        assert (await client.get("/v2/models/tiny/versions/7")).status_code == 404
+
+
+async def test_infer_json_matches_classify(serve, tiny_settings, image_bytes) -> None:
+    images = [image_bytes(seed=1), image_bytes("PNG", seed=2)]
+    payload = {
+        "id": "req-7",
+        "parameters": {"keep_rate": 0.6, "top_k": 3},
+        "inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": [b64(i) for i in images]}],
+    }
+    async with serve(tiny_settings()) as (app, client):
+        r = await client.post("/v2/models/tiny/infer", json=payload)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert (body["model_name"], body["model_version"], body["id"]) == ("tiny", "1", "req-7")
+        out = {o["name"]: o for o in body["outputs"]}
+        assert out["probabilities"]["shape"] == [2, 3] and out["probabilities"]["datatype"] == "FP32"
+        assert out["classes"]["datatype"] == "INT64" and out["labels"]["datatype"] == "BYTES"
+        tokens = app.state.service.registry.get("tiny").model.cost(0.6).total_tokens
+        assert out["tokens"] == {"name": "tokens", "datatype": "INT64", "shape": [2], "data": [tokens, tokens]}
+        for n, img in enumerate(images):
+            ref = (await client.post("/classify?keep_rate=0.6&top_k=3", content=img)).json()["predictions"]
+            assert out["classes"]["data"][3 * n : 3 * n + 3] == [p["class_index"] for p in ref]
+            assert out["labels"]["data"][3 * n : 3 * n + 3] == [p["label"] for p in ref]
+            assert out["probabilities"]["data"][3 * n : 3 * n + 3] == pytest.approx(
+                [p["probability"] for p in ref], abs=1e-5)
+        # the requested outputs only; the default keep rate when none is given; nested [1, 1] data
+        payload = {"inputs": [{"name": "x", "shape": [1, 1], "datatype": "BYTES", "data": [[b64(images[0])]]}],
+                   "outputs": [{"name": "tokens"}]}
+        body = (await client.post("/v2/models/tiny/infer", json=payload)).json()
+        assert [o["name"] for o in body["outputs"]] == ["tokens"] and body["parameters"]["keep_rate"] == 1.0
+
+
+async def test_infer_binary_tensor_extension(serve, tiny_settings, image_bytes) -> None:
+    images = [image_bytes(seed=3), image_bytes(seed=4)]
+    raw = b"".join(struct.pack("<I", len(i)) + i for i in images)  # Triton's BYTES serialisation
+    header = json.dumps({
+        "inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "parameters": {"binary_data_size": len(raw)}}],
+        "parameters": {"keep_rate": 0.5, "top_k": 2},
+        "outputs": [{"name": "classes", "parameters": {"binary_data": False}}],
+    }).encode()
+    async with serve(tiny_settings()) as (_, client):
+        r = await client.post("/v2/models/tiny/infer", content=header + raw, headers={
+            "content-type": "application/octet-stream", "inference-header-content-length": str(len(header))})
+        assert r.status_code == 200, r.text
+        (out,) = r.json()["outputs"]
+        for n, img in enumerate(images):
+            ref = (await client.post("/classify?keep_rate=0.5&top_k=2", content=img)).json()["predictions"]
+            assert out["data"][2 * n : 2 * n + 2] == [p["class_index"] for p in ref]
+
+
+@pytest.mark.parametrize(("payload", "code"), [
+    ({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["@@not base64@@"]}]}, 400),
+    ({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64(b"not an image")]}]}, 400),
+    ({"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": ["aGk="]}]}, 422),
+    ({"inputs": [{"name": "image", "shape": [1], "datatype": "FP32", "data": [0.5]}]}, 422),
+    ({"inputs": "nope"}, 422),
+    ({"parameters": {"keep_rate": 0}, "inputs": [{"name": "i", "shape": [1], "datatype": "BYTES", "data": ["aGk="]}]},
+     422),
+    ({"parameters": {"keep_rate": 1.5}, "inputs": [{"name": "i", "shape": [1], "datatype": "BYTES", "data": ["aGk="]}]},
+     422),
+    ({"parameters": {"keep_rate": "high"}, "inputs": [{"name": "i", "shape": [1], "datatype": "BYTES",
+                                                       "data": ["aGk="]}]}, 422),
+    ({"parameters": {"top_k": 99}, "inputs": [{"name": "i", "shape": [1], "datatype": "BYTES", "data": ["aGk="]}]},
+     422),
+])
+async def test_infer_errors(serve, tiny_settings, payload, code) -> None:
+    async with serve(tiny_settings()) as (_, client):
+        r = await client.post("/v2/models/tiny/infer", json=payload)
+        assert r.status_code == code, r.text
+        assert isinstance(r.json()["error"], str) and r.json()["message"]
+        r = await client.post("/v2/models/tiny/infer", content=b"{not json")
+        assert r.status_code == 400
+
+
+async def test_infer_counts_in_metrics(serve, tiny_settings, image_bytes) -> None:
+    payload = {"parameters": {"keep_rate": 0.7},
+               "inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64(image_bytes())]}]}
+    async with serve(tiny_settings()) as (_, client):
+        for _ in range(2):
+            assert (await client.post("/v2/models/tiny/infer", json=payload)).status_code == 200
+        text = (await client.get("/metrics")).text
+        assert 'evit_requests_total{code="200",keep_rate="0.70",model="tiny"} 2.0' in text
