@@ -8,7 +8,7 @@
 # Build-time knobs (all optional): TORCH_INDEX_URL (where torch comes from: `auto` = torch's CPU
 # wheel index for VARIANT=cpu, about 200 MB instead of PyPI's several-GB CUDA build, and PyPI for cuda;
 # empty = PyPI),
-# PIP_EXTRA_INDEX_URL / PIP_FIND_LINKS (a local wheel mirror), and a build secret `pip_ca`
+# PIP_EXTRA_INDEX_URL (a local wheel mirror), and a build secret `pip_ca`
 # (a CA bundle for pip behind a TLS-intercepting proxy; used for the build only, never stored).
 
 ARG VARIANT=cpu
@@ -38,8 +38,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 FROM base AS builder
 ARG VARIANT
 ARG TORCH_INDEX_URL=auto
-ARG PIP_EXTRA_INDEX_URL
-ARG PIP_FIND_LINKS
+ARG PIP_EXTRA_INDEX_URL=""
 SHELL ["/bin/sh", "-eu", "-c"]
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
@@ -49,6 +48,7 @@ COPY pyproject.toml ./
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=secret,id=pip_ca \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi; \
+    if [ -z "${PIP_EXTRA_INDEX_URL}" ]; then unset PIP_EXTRA_INDEX_URL; fi; \
     python3 -c 'import tomllib; d = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]; \
 open("/tmp/torch.txt", "w").write("\n".join(r for r in d if r.split("=")[0] in ("torch", "torchvision"))); \
 open("/tmp/deps.txt", "w").write("\n".join(d))'; \
@@ -68,6 +68,7 @@ COPY service ./service
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=secret,id=pip_ca \
     if [ -s /run/secrets/pip_ca ]; then export PIP_CERT=/run/secrets/pip_ca; fi; \
+    if [ -z "${PIP_EXTRA_INDEX_URL}" ]; then unset PIP_EXTRA_INDEX_URL; fi; \
     pip install --no-deps . \
  && pip check \
  && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +

@@ -79,11 +79,12 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 if [ "$engine" = podman ]; then
-    # Seen needed in this VM: runc (crun fails here), cgroupfs, and explicit ulimits. A private
-    # containers.conf via CONTAINERS_CONF; the system configuration is left alone.
-    cat >"$work/containers.conf" <<'EOF'
+    # Seen needed in this VM: runc, cgroupfs, and explicit ulimits: open files no higher than this
+    # shell's (podman's default 1048576 is refused) and processes no higher than 32768 (conmon's cap
+    # here; SMOKE_NPROC). A private containers.conf via CONTAINERS_CONF; the system one is left alone.
+    cat >"$work/containers.conf" <<EOF
 [containers]
-default_ulimits = ["nofile=65536:65536"]
+default_ulimits = ["nofile=$(ulimit -Sn):$(ulimit -Hn)", "nproc=${SMOKE_NPROC:-32768}:${SMOKE_NPROC:-32768}"]
 [engine]
 runtime = "runc"
 cgroup_manager = "cgroupfs"
@@ -173,6 +174,10 @@ log "built in ${build_s}s, image size $((size / 1024 / 1024)) MiB"
 
 # ---------------------------------------------------------------- run
 run_args=(-d --name "$name" -e EVIT_LOG_LEVEL=info)
+if [ "$engine" = podman ]; then
+    # podman schedules healthchecks with systemd timers; without systemd, run it by hand below.
+    [ -d /run/systemd/system ] || run_args+=(--health-interval disable)
+fi
 if [ -s "$weights" ]; then
     run_args+=(-v "$(cd "$(dirname "$weights")" && pwd):/models:ro"
                -e EVIT_MODEL=vit_tiny_patch16_224 -e "EVIT_CHECKPOINT=/models/$(basename "$weights")")

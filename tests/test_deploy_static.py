@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,29 @@ def test_deploy_settings_are_service_settings() -> None:
                  "EVIT_MAX_BATCH_SIZE_GPU"}  # compose interpolation on the host, never in the container
     unknown = {v for v in used - host_only if v[len("EVIT_") :].lower() not in fields}
     assert used and not unknown, f"not service settings: {sorted(unknown)}"
+
+
+def test_probe_paths_are_service_routes() -> None:
+    """Every HTTP path a probe or healthcheck of the deployment files calls is a route of the service."""
+    app = pytest.importorskip("service.app")
+    routes = {r.path for r in app.router.routes}
+    texts = [f.read_text() for f in K8S.rglob("*.yaml")]
+
+    def http_gets(node: object) -> Iterator[str]:
+        if isinstance(node, dict):
+            if "httpGet" in node:
+                yield node["httpGet"]["path"]
+            for v in node.values():
+                yield from http_gets(v)
+        elif isinstance(node, list):
+            for v in node:
+                yield from http_gets(v)
+
+    paths = {p for t in texts for doc in yaml.safe_load_all(t) for p in http_gets(doc)}
+    paths |= {p for t in texts for p in re.findall(r"prometheus\.io/path: (/[\w/]*)", t)}
+    paths |= set(re.findall(r"http://127\.0\.0\.1:\S*?(/\w+)'", (ROOT / "Dockerfile").read_text()))
+    assert {"/healthz", "/readyz", "/metrics"} <= paths
+    assert paths <= routes, f"probed but not served: {sorted(paths - routes)}"
 
 
 # ---------------------------------------------------------------- Kubernetes
