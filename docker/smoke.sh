@@ -133,7 +133,7 @@ else
         tar -C "$rootfs" -cf "$tarball.tmp" . && mv "$tarball.tmp" "$tarball"
         rm -rf "$rootfs"
     fi
-    $engine import --change 'CMD ["python3"]' \
+    $engine import -q --change 'CMD ["python3"]' \
         --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
         "$tarball" "$full_base" >/dev/null
     made_standin="$full_base"
