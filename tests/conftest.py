@@ -22,6 +22,12 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
+def tiny_model() -> dict[str, Any]:
+    """The tiny model as an ``EVIT_MODELS`` entry."""
+    return dict(TINY_MODEL)
+
+
+@pytest.fixture
 def tiny_settings() -> Callable[..., Any]:
     """``tiny_settings(**overrides)``: Settings hosting the tiny model (random weights, seed 0), on CPU."""
     from service.settings import Settings

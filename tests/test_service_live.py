@@ -18,8 +18,6 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import TINY_MODEL
-
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
@@ -31,10 +29,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def live_server(tmp_path: Path, **settings: object) -> Iterator[tuple[subprocess.Popen, str]]:
+def live_server(tmp_path: Path, model: dict, **settings: object) -> Iterator[tuple[subprocess.Popen, str]]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("EVIT_")}
-    env.update({"EVIT_MODELS": json.dumps([TINY_MODEL]), "EVIT_HOST": "127.0.0.1", "EVIT_PORT": str(port),
+    env.update({"EVIT_MODELS": json.dumps([model]), "EVIT_HOST": "127.0.0.1", "EVIT_PORT": str(port),
                 "EVIT_DEVICE": "cpu", "EVIT_TORCH_THREADS": "1", "EVIT_LOG_LEVEL": "warning"})
     env.update({f"EVIT_{k.upper()}": str(v) for k, v in settings.items()})
     log = (tmp_path / f"server-{port}.log").open("w")
@@ -73,11 +71,11 @@ def classify(url: str, body: bytes, **params: object) -> httpx.Response:
                       headers={"content-type": "image/jpeg"}, timeout=30)
 
 
-def test_concurrent_mixed_rates_batch_and_match_solo(tmp_path, image_bytes) -> None:
+def test_concurrent_mixed_rates_batch_and_match_solo(tmp_path, tiny_model, image_bytes) -> None:
     rates = [0.3, 0.5, 0.7, 1.0]
     jobs = [(seed, rates[seed % len(rates)]) for seed in range(24)]
     images = {seed: image_bytes(seed=seed) for seed, _ in jobs}
-    with live_server(tmp_path, max_batch_size=8, max_wait_ms=100, batch_policy="mixed") as (_, url):
+    with live_server(tmp_path, tiny_model, max_batch_size=8, max_wait_ms=100, batch_policy="mixed") as (_, url):
         solo = {job: classify(url, images[job[0]], keep_rate=job[1]).json() for job in jobs}
         assert all(s["batch_size"] == 1 for s in solo.values())
         count0, sum0 = metric(url, "evit_batch_size_count"), metric(url, "evit_batch_size_sum")
@@ -96,8 +94,8 @@ def test_concurrent_mixed_rates_batch_and_match_solo(tmp_path, image_bytes) -> N
                 assert b["probability"] == pytest.approx(a["probability"], abs=1e-4)
 
 
-def test_overload_gives_503_then_recovers(tmp_path, image_bytes) -> None:
-    with live_server(tmp_path, queue_size=2, max_batch_size=64, max_wait_ms=400) as (_, url):
+def test_overload_gives_503_then_recovers(tmp_path, tiny_model, image_bytes) -> None:
+    with live_server(tmp_path, tiny_model, queue_size=2, max_batch_size=64, max_wait_ms=400) as (_, url):
         body = image_bytes()
         with ThreadPoolExecutor(12) as pool:
             answers = list(pool.map(lambda _: classify(url, body), range(12)))
@@ -112,8 +110,8 @@ def test_overload_gives_503_then_recovers(tmp_path, image_bytes) -> None:
         assert metric(url, "evit_requests_total", code="200") == codes.count(200) + 1
 
 
-def test_sigterm_finishes_accepted_requests(tmp_path, image_bytes) -> None:
-    with live_server(tmp_path, max_batch_size=64, max_wait_ms=2000) as (proc, url):
+def test_sigterm_finishes_accepted_requests(tmp_path, tiny_model, image_bytes) -> None:
+    with live_server(tmp_path, tiny_model, max_batch_size=64, max_wait_ms=2000) as (proc, url):
         body = image_bytes()
         classify(url, body)  # the first request of an idle server runs at once; the next ones wait to batch
         with ThreadPoolExecutor(6) as pool:
