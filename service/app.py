@@ -2,6 +2,7 @@
 
 Lifespan: load the models (unless a loaded registry is given), start the batchers, warm up in the
 background (``/readyz`` is 503 until done); on shutdown drain (admitted requests finish), then stop.
+Middleware, outermost first: request id + access log, bearer-token auth (when tokens are set), body timeout.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from service import v2
+from service.auth import protect
 from service.errors import ApiError, install_error_handlers
 from service.logs import RequestLogMiddleware
 from service.metrics import CONTENT_TYPE
@@ -32,7 +34,7 @@ from service.schemas import (
     error_responses,
 )
 from service.settings import Settings
-from service.upload import REQUEST_BODY_DOC, read_image_bytes
+from service.upload import REQUEST_BODY_DOC, BodyTimeout, read_image_bytes
 
 router = APIRouter()
 
@@ -113,8 +115,6 @@ async def readyz(svc: ServiceDep) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if svc.ready else 503)
 
 
-@router.get("/metrics", tags=["service"], summary="Prometheus metrics",
-            responses={200: {"content": {CONTENT_TYPE: {}}}})
 async def metrics(svc: ServiceDep) -> Response:
     return Response(svc.metrics.render(), media_type=CONTENT_TYPE)
 
@@ -132,15 +132,25 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         finally:
             await service.stop()
 
+    docs = bool(settings.docs_path)  # "" turns off the docs and the OpenAPI document
     app = FastAPI(
         title="evit-serve",
         version="0.1.0",
         summary="Token-pruned Vision Transformers (EViT) with a per-request keep rate",
         lifespan=lifespan,
+        docs_url=settings.docs_path or None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
     )
     app.state.service = service
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(v2.router)
+    if settings.metrics_path:
+        app.add_api_route(settings.metrics_path, metrics, methods=["GET"], tags=["service"],
+                          summary="Prometheus metrics", responses={200: {"content": {CONTENT_TYPE: {}}}})
+    app.add_middleware(BodyTimeout, seconds=settings.body_timeout_s)
+    if settings.api_tokens:
+        protect(app, [t.get_secret_value() for t in settings.api_tokens], settings.metrics_path)
     app.add_middleware(RequestLogMiddleware, on_done=service.count_request)
     return app

@@ -15,8 +15,8 @@ from service.schemas import ErrorResponse
 log = logging.getLogger("service.errors")
 
 _TYPES = {
-    400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
-    415: "unsupported_media_type", 422: "invalid_parameter", 499: "client_closed_request",
+    400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 408: "body_timeout",
+    413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_parameter", 499: "client_closed_request",
     500: "internal_error", 503: "unavailable", 504: "timeout",
 }
 CLIENT_GONE = 499  # nginx's convention; only logs and metrics ever see it

@@ -8,10 +8,11 @@ Models can be given two ways. The flat flags (``--model``, ``--checkpoint``, ``-
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_ARCH = "deit_small_patch16_224"
@@ -39,6 +40,9 @@ class ModelSpec(BaseModel):
     @property
     def random_weights(self) -> bool:
         return self.weights == "random"
+
+
+_URL_PATH = re.compile(r"^/[A-Za-z0-9._~/-]*$")
 
 
 def _split_commas(value: Any) -> Any:
@@ -81,6 +85,13 @@ class Settings(BaseSettings):
     jpeg_draft: bool = True  # let libjpeg downscale large JPEGs while decoding (never below the resize)
     max_top_k: int = Field(100, ge=1)
 
+    # security (see service/auth.py): with tokens, every route but health, metrics and docs needs one
+    api_tokens: Annotated[list[SecretStr], NoDecode] = []  # EVIT_API_TOKENS=a,b (env or file, never a flag)
+    api_tokens_file: Path | None = None  # one token per line, '#' comments
+    metrics_path: str = "/metrics"  # "" turns /metrics off
+    docs_path: str = "/docs"  # "" turns /docs, /redoc and /openapi.json off
+    body_timeout_s: float = Field(15.0, gt=0.0, allow_inf_nan=False)  # slower bodies get 408
+
     # server
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -96,6 +107,28 @@ class Settings(BaseSettings):
     @classmethod
     def _blocks(cls, v: Any) -> Any:
         return None if v in ("", None) else _split_commas(v)
+
+    @field_validator("api_tokens", mode="before")
+    @classmethod
+    def _tokens(cls, v: Any) -> Any:
+        return _split_commas(v)
+
+    @field_validator("metrics_path", "docs_path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if v and not _URL_PATH.match(v):
+            raise ValueError(f"must be empty (off) or a URL path like /internal/metrics, got {v!r}")
+        return v.rstrip("/") if len(v) > 1 else v
+
+    @model_validator(mode="after")
+    def _load_tokens(self) -> Settings:
+        from service.auth import check_tokens, read_token_file
+
+        tokens = [t.get_secret_value() for t in self.api_tokens]
+        if self.api_tokens_file is not None:
+            tokens += read_token_file(self.api_tokens_file)
+        self.api_tokens = [SecretStr(t) for t in check_tokens(tokens)]
+        return self
 
     @field_validator("device")
     @classmethod
@@ -171,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-body-bytes", type=int)
     add("--max-image-pixels", type=int)
     add("--drain-timeout-s", type=float)
+    add("--body-timeout-s", type=float, help="requests whose body has not arrived by then get 408 (slow uploads)")
+    add("--api-tokens-file", type=Path, metavar="PATH",
+        help="bearer tokens (one a line) required on every route but health, metrics and docs; "
+        "or EVIT_API_TOKENS=a,b")
+    add("--metrics-path", help="where /metrics is served; '' turns it off")
+    add("--docs-path", help="where /docs is served; '' turns off /docs, /redoc and /openapi.json")
     add("--log-level")
     add("--no-warmup", dest="warmup", action="store_false", default=None)
     return p

@@ -1,17 +1,21 @@
 """The image bytes of a request: the raw body (image/*, application/octet-stream) or multipart field ``file``.
 
 The byte limit is enforced from ``Content-Length`` before reading and again while streaming (chunked
-uploads carry no length), so an oversized body is never held in memory whole.
+uploads carry no length), so an oversized body is never held in memory whole. :class:`BodyTimeout` bounds
+the time a client may take to send its body (slow-loris uploads get 408), on every route.
 """
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import Request
 from starlette.datastructures import UploadFile
+from starlette.requests import ClientDisconnect
 from starlette.requests import Request as StarletteRequest
-from starlette.types import Message
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import ApiError
+from service.errors import CLIENT_GONE, ApiError
 
 RAW_TYPES = ("application/octet-stream",)
 UNSUPPORTED_IMAGE_TYPES = ("image/svg+xml",)  # vector images: nothing to decode into pixels
@@ -42,11 +46,15 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise ApiError(413, f"body of {declared} bytes is over the limit of {max_bytes}", "body_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise ApiError(413, f"body is over the limit of {max_bytes} bytes", "body_too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise ApiError(413, f"body is over the limit of {max_bytes} bytes", "body_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect as e:  # an aborted upload is the client's doing, not a server error
+        raise ApiError(CLIENT_GONE, "client closed the connection while sending the body",
+                       "client_closed_request") from e
     return b"".join(chunks)
 
 
@@ -87,3 +95,39 @@ async def _multipart_file(request: Request, body: bytes) -> bytes:
         raise
     except Exception as e:  # malformed multipart framing
         raise ApiError(400, f"malformed multipart body: {e}", "bad_multipart") from e
+
+
+class BodyTimeout:
+    """Pure ASGI: a request whose body has not fully arrived ``seconds`` after its headers gets 408.
+
+    Wraps ``receive`` so every route that reads a body is covered; the ``ApiError`` raised inside the
+    route becomes the usual JSON error. Once the body is complete, ``receive`` is passed through
+    untimed (the service waits on it to notice clients that go away).
+    """
+
+    def __init__(self, app: ASGIApp, seconds: float) -> None:
+        self.app = app
+        self.seconds = seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.seconds
+        complete = False
+
+        async def timed_receive() -> Message:
+            nonlocal complete
+            if complete:
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise ApiError(408, f"the request body did not arrive within {self.seconds:g} s",
+                               "body_timeout") from None
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await self.app(scope, timed_receive, send)
