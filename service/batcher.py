@@ -8,7 +8,8 @@ during a pass form the next batch, so batches grow with load. When requests arri
 ``max_wait`` on average (low load), waiting could only add latency, so an idle model runs at once. Requests whose
 client went away or whose deadline passed are dropped when the batch is formed: they are never run. The
 batch is split into forward passes by ``policy.plan_passes`` and each pass's requests are answered as soon
-as that pass ends.
+as that pass ends. A pass that fails answers only its own requests (500); one that runs out of device memory
+is retried in halves, down to single samples, and what still does not fit gets 503 with Retry-After.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
+
+import torch
 
 from service.errors import ApiError
 from service.metrics import Metrics
@@ -220,15 +223,33 @@ class Batcher:
         passes = plan_passes([p.sample.keep_rate for p in batch], hosted.gmacs, q.cost, self.settings.batch_policy)
         for indices in passes:
             items = [batch[i] for i in indices if not batch[i].future.done()]  # clients gone since forming
-            if not items:
-                continue
-            try:
-                results = q.worker.forward(hosted, [p.sample for p in items])
-            except Exception as e:
-                log.exception("forward pass of %d failed on %s", len(items), hosted.name)
-                loop.call_soon_threadsafe(self._fail, items, e)
-                continue
+            if items:
+                self._forward(q, items, loop)
+
+    def _forward(self, q: ModelQueue, items: list[Pending], loop: asyncio.AbstractEventLoop) -> None:
+        """One pass; on out-of-memory, the two halves separately (recursively); failures answer only ``items``."""
+        hosted = q.hosted
+        try:
+            results = q.worker.forward(hosted, [p.sample for p in items])
+        except torch.cuda.OutOfMemoryError:
+            results = None  # retried below, once the exception (and the pass's tensors it holds) is gone
+        except Exception as e:
+            log.exception("forward pass of %d failed on %s", len(items), hosted.name)
+            loop.call_soon_threadsafe(self._fail, items, e)
+            return
+        if results is not None:
             loop.call_soon_threadsafe(self._resolve, items, results)
+            return
+        q.worker.release_memory()
+        if len(items) == 1:
+            log.error("out of memory on %s for a single sample", hosted.name, extra={"model": hosted.name})
+            loop.call_soon_threadsafe(self._fail, items, torch.cuda.OutOfMemoryError("a single sample"))
+            return
+        half = len(items) // 2
+        log.warning("out of memory for a pass of %d on %s: retrying as %d + %d", len(items), hosted.name,
+                    half, len(items) - half, extra={"model": hosted.name})
+        self._forward(q, items[:half], loop)
+        self._forward(q, items[half:], loop)
 
     @staticmethod
     def _resolve(items: list[Pending], results: list[SampleResult]) -> None:
@@ -239,5 +260,11 @@ class Batcher:
     @staticmethod
     def _fail(items: list[Pending], error: Exception) -> None:
         for p in items:
-            if not p.future.done():
-                p.future.set_exception(ApiError(500, f"inference failed: {type(error).__name__}", "inference_failed"))
+            if p.future.done():
+                continue
+            if isinstance(error, torch.cuda.OutOfMemoryError):  # a capacity problem: worth retrying later
+                p.future.set_exception(ApiError(503, "inference ran out of device memory, even for this image "
+                                                "alone; retry later", "out_of_memory", {"Retry-After": "1"}))
+            else:
+                p.future.set_exception(ApiError(500, f"inference failed: {type(error).__name__}",
+                                                "inference_failed"))

@@ -117,5 +117,10 @@ class DeviceWorker:
         timed(batch, [hosted.default_keep_rate, 0.5, 1.0])  # the mixed-rate path
         return PassCost.calibrate(t_single, t_batch, batch, hosted.gmacs(1.0))
 
+    def release_memory(self) -> None:
+        """After an out-of-memory error: hand the allocator's cached blocks back before retrying."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)
