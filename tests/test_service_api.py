@@ -320,3 +320,16 @@ async def test_models_and_openapi(serve, tiny_settings) -> None:
         assert responses["413"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
         assert "Retry-After" in responses["503"]["headers"]
         assert "multipart/form-data" in spec["paths"]["/classify"]["post"]["requestBody"]["content"]
+
+
+async def test_several_models(serve, tiny_settings, tiny_model, image_bytes) -> None:
+    five = {**tiny_model, "name": "five", "keep_rate": 0.5,
+            "model_kwargs": {**tiny_model["model_kwargs"], "num_classes": 5}}
+    async with serve(tiny_settings(models=[tiny_model, five])) as (app, client):
+        names = [m["name"] for m in (await client.get("/models")).json()["models"]]
+        assert names == ["tiny", "five"]
+        r = (await client.post("/classify?model=five&top_k=5", content=image_bytes())).json()
+        assert r["model"] == "five" and r["keep_rate"] == 0.5 and len(r["predictions"]) == 5
+        assert r["tokens"] == app.state.service.registry.get("five").model.cost(0.5).total_tokens
+        assert (await client.post("/classify?model=five&top_k=6", content=image_bytes())).status_code == 422
+        assert (await client.post("/classify", content=image_bytes())).json()["model"] == "tiny"  # the default
