@@ -248,7 +248,8 @@ if sys.argv[2]:
     assert int(sys.argv[2]) in top5, "expected class not in the top 5"
 print(f"  classify: tokens {r['tokens']}, timings {r['timings']}")
 EOF
-curl -fsS -m 10 "$url/metrics" | grep -q '^evit_requests_total{.*code="200"' || die "/metrics has no 200 count"
+metrics=$(curl -fsS -m 10 "$url/metrics") || die "/metrics failed"
+grep -Eq '^evit_requests_total\{.*code="200".*\} 1\.0$' <<<"$metrics" || die "/metrics did not count the request"
 log "classify + /metrics OK"
 
 t_stop=$(date +%s)
