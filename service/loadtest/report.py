@@ -120,8 +120,8 @@ def _latency_axis(ax) -> None:
     """Milliseconds, on a log scale when they span more than a decade, with plain tick labels."""
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
-    low, high = ax.get_ylim()
-    if low > 0 and high / low > 10:
+    ys = [y for line in ax.get_lines() for y in line.get_ydata() if y == y]  # NaN-free
+    if ys and min(ys) > 0 and max(ys) / min(ys) > 10:
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(ScalarFormatter())
         ax.yaxis.set_minor_formatter(NullFormatter())
