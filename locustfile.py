@@ -13,6 +13,7 @@ coordinated omission use evit-loadtest.
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from pathlib import Path
@@ -44,6 +45,12 @@ def _check(environment, **_kwargs) -> None:
             raise SystemExit(f"locustfile: {exc}") from None
 
 
+@functools.cache
+def _images(folder: str) -> list:
+    """The images to send, read (or generated) once per process and shared by its users."""
+    return load_images(Path(folder)) if folder else generate_images(8)
+
+
 class EvitUser(HttpUser):
     def wait_time(self) -> float:
         pacing = self.environment.parsed_options.pacing if self.environment.parsed_options else 0.0
@@ -57,7 +64,7 @@ class EvitUser(HttpUser):
             check_target(self.host or "", bool(options and options.allow_remote))
             self.mix = KeepRateMix.parse(options.keep_rates if options else "1.0")
             folder = options.images if options else ""
-            self.images = load_images(Path(folder)) if folder else generate_images(8)
+            self.images = _images(folder)
         except ValueError as exc:
             raise StopUser(str(exc)) from exc
         self.model = options.evit_model if options else ""
