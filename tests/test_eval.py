@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import timm
 import torch
 from _tiny import TINY
 from PIL import Image
@@ -122,14 +123,31 @@ def test_bad_keep_rates_refused():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (WEIGHTS.exists() and SAMPLE.exists()), reason=f"real assets absent from {ASSETS}")
-def test_real_weights_match_published_accuracy(tmp_path):
-    """ViT-Ti on the 500 sample images at keep 1.0: 82.6%, what plain timm gets (assets README).
+def test_real_weights_keep_1_equals_plain_timm(tmp_path):
+    """ViT-Ti on the first 100 sample images: evit-eval at keep 1.0 scores what plain timm scores.
 
-    One keep rate only, to keep the suite fast: the library's own tests check the pruned accuracies.
+    100 images keep the suite fast; the library's own tests check all 500 (82.6%) and the pruned rates.
     """
+    from safetensors.torch import load_file
+    from timm.data import create_transform
+
     out = tmp_path / "real"
     args = ["--model", ARCH, "--checkpoint", str(WEIGHTS), "--images", str(SAMPLE), "--out", str(out)]
-    assert evit_eval.main([*args, "--keep-rates", "1.0", "--quiet"]) == 0
+    assert evit_eval.main([*args, "--keep-rates", "1.0", "--limit", "100", "--quiet"]) == 0
     (row,) = json.loads((out / "results.json").read_text())["rows"]
-    assert row["images"] == 500 and row["top1"] == pytest.approx(0.826) and row["top5"] > row["top1"]
-    assert row["gmacs"] == pytest.approx(1.26, abs=0.02)  # ViT-Ti: 197 tokens x 12 blocks
+
+    plain = timm.create_model(ARCH).eval()
+    plain.load_state_dict(load_file(WEIGHTS))
+    transform = create_transform(**timm.data.resolve_model_data_config(plain))
+    items = evit_eval.load_labels(SAMPLE)[:100]
+    hits1 = hits5 = 0
+    with torch.inference_mode():
+        for start in range(0, 100, 50):
+            chunk = items[start : start + 50]
+            x = torch.stack([transform(Image.open(p).convert("RGB")) for p, _ in chunk])  # 50, 3, 224, 224
+            y = torch.tensor([c for _, c in chunk])
+            top = plain(x).topk(5, dim=1).indices  # 50, 5
+            hits1 += (top[:, 0] == y).sum().item()
+            hits5 += (top == y[:, None]).any(dim=1).sum().item()
+    assert row["images"] == 100 and (row["top1"], row["top5"]) == (hits1 / 100, hits5 / 100)
+    assert row["top1"] > 0.7 and row["gmacs"] == pytest.approx(1.26, abs=0.02)  # ViT-Ti: 197 tokens x 12 blocks

@@ -89,7 +89,8 @@ def write_png(results: dict, out: Path) -> Path:
     _latency_axis(ax)
     ax.set_title(_step_title(last))
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     if sweep:
         ax = axes[0][1]
         xs = [s["throughput"] for s in steps]
