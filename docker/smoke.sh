@@ -18,6 +18,7 @@
 #                       (podman only; default: /opt/pypi /opt/pypi-more when present)
 #   SMOKE_CA_BUNDLE     CA bundle handed to pip as a build secret (default: $PIP_CERT or the system one)
 #   SMOKE_KEEP_IMAGES=1 keep the built image and the base stand-in (faster re-runs)
+#   SMOKE_CACHE         where the debootstrap rootfs tarball is kept between runs (default /var/tmp/evit-smoke)
 #   SMOKE_BUILD_TIMEOUT_S (default 3600), SMOKE_READY_TIMEOUT_S (default 300)
 #   SMOKE_WEIGHTS       a .safetensors for vit_tiny_patch16_224 (default: ../shared/assets/...; if
 #                       absent the container runs random weights)
