@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON timm kwargs")
     p.add_argument("--response", type=Path, help="draw the stages from a saved service answer (return_tokens=true)")
     p.add_argument("--panel-size", type=int, default=224, help="approximate side of each panel in pixels")
-    p.add_argument("--out", type=Path, default=Path("viz.png"), help="PNG to write (and a .json beside it)")
+    p.add_argument("--out", type=Path, default=Path("runs/viz/viz.png"), help="PNG to write (and a .json beside it)")
     return p
 
 
