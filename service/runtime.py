@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -44,7 +45,8 @@ class Service:
         self.registry = registry
         self.metrics = Metrics()
         self.batcher: Batcher | None = None
-        self.decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="evit-decode")
+        threads = settings.decode_threads or min(4, os.cpu_count() or 1)
+        self.decode_pool = ThreadPoolExecutor(threads, thread_name_prefix="evit-decode")
         self.warmed = False
         self.draining = False
         self._drain_task: asyncio.Task[bool] | None = None

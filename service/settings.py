@@ -67,7 +67,7 @@ class Settings(BaseSettings):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     half: bool = True  # float16 on CUDA (CPU always runs float32)
     torch_threads: int | None = Field(None, ge=1)
-    decode_threads: int = Field(4, ge=1)
+    decode_threads: int | None = Field(None, ge=1)  # None: min(4, CPU cores)
 
     # batching
     max_batch_size: int = Field(16, ge=1, le=1024)
