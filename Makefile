@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed-stamp
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install serve serve-assets test lint bench
+.PHONY: install tools serve serve-assets test lint bench audit soak
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -13,6 +13,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+## Tools the deployment checks use (promtool, Prometheus, docker-compose, check-jsonschema, kubernetes-validate,
+## hadolint): installed when missing; a test whose tool is still missing skips and names it.
+tools: $(STAMP)
+	bash docker/ci-tools.sh $(VENV)
 
 ## Serve the default model (DeiT-S, timm hub weights) on 127.0.0.1:8000.
 serve: $(STAMP)
@@ -26,10 +31,20 @@ serve-assets: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-## The whole test suite (what .ci/run runs).
-test: $(STAMP)
+## The whole test suite (what .ci/run runs), then the dependency audit.
+test: $(STAMP) tools
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) .ci/audit.py
+
+## pip-audit over the installed dependencies: fails on a known vulnerability with a fix available
+## (offline: a loud warning; in CI, i.e. with CI or EVIT_AUDIT_STRICT=1 set, a failure).
+audit: $(STAMP)
+	$(PY) .ci/audit.py
+
+## The soak test (not in the default run): EVIT_SOAK_REQUESTS requests (default 20000); figures in docs/reliability.md.
+soak: $(STAMP)
+	$(PY) -m pytest -m soak tests/test_soak.py $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m evit.bench --model deit_small_patch16_224 --batch-size 16 --keep-rates 1.0,0.9,0.7,0.5
