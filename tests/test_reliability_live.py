@@ -209,7 +209,7 @@ def test_overload(server, factor: int) -> None:
     assert statuses <= {200, 503, 504} and 503 in statuses and accepted
     assert achieved >= 0.7 * factor * capacity, (achieved, capacity)  # the client really offered the overload
     server_p99, client_p99 = p99([o.server_s for o in accepted]), p99([o.seconds for o in accepted])
-    assert server_p99 <= timeout  # what the request timeout governs: arrival to answer, in the service
+    assert server_p99 <= timeout + 0.05  # what the request timeout governs: arrival to answer, in the service
     assert client_p99 <= timeout + 0.5  # as the client saw it, connection set-up and loopback included
     # the server's own count agrees: every request it answered is one the client got, with the same status
     after_text = metrics_text(server)
