@@ -3,8 +3,12 @@
 Measures, in one run: the raw pipeline in this process (decode + preprocess + batched forward, in a loop);
 the service's throughput at saturation (concurrent clients on loopback) with batching on and off; p50/p99
 latency at low load against the raw single-image time; ``/healthz`` latency while the model is saturated;
-and the batch-formation policies (auto / mixed / grouped) on a mixed keep-rate workload. Prints the ratios
-the goals are stated in and writes everything to a JSON file. Not a test: timings depend on the machine.
+and the batch-formation policies (auto / mixed / grouped) on a mixed keep-rate workload.
+
+All servers start first and stay up; the phases then run interleaved, round after round, and each phase
+reports its median round (the low-load comparison alternates one raw image and one request). On a CPU that
+other work shares, a slow spell then lands on every configuration alike instead of on whichever ran
+during it. Prints the ratios the goals are stated in and writes everything to a JSON file. Not a test.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,9 @@ from service.worker import DeviceWorker, Sample
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSET_IMAGES = ROOT / "../shared/assets/imagenet-sample"
+MIXED_RATES = [0.5, 0.7, 1.0]
+SERVERS = {"batched": {}, "unbatched": {"max_batch_size": 1}, "mixed": {"batch_policy": "mixed"},
+           "grouped": {"batch_policy": "grouped"}}  # extra flags per server; "batched" uses the auto policy
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -58,35 +65,39 @@ def load_images(directory: Path, count: int) -> list[bytes]:
     return out
 
 
-# -- the raw pipeline --------------------------------------------------------------------------------------
-def raw_pipeline(spec: ModelSpec, images: list[bytes], batch: int, keep_rate: float, seconds: float) -> dict:
-    settings = Settings(models=[spec], device="cpu")
-    hosted = host(spec, settings, resolve_device("cpu"))
-    worker = DeviceWorker(hosted.device, None)
-    worker.warm_up(hosted, batch=min(batch, 8), repeats=1)
+class RawPipeline:
+    """Decode + preprocess + forward in this process, with the service's own model and preprocessing code.
 
-    def run(chunk: list[bytes]) -> None:
-        samples = [Sample(hosted.preprocess(b), keep_rate, 5, False) for b in chunk]
-        worker.forward(hosted, samples, record=False)
+    It runs on a worker thread like the service's: here, torch ops issued from the main thread ran up to
+    3x slower than the same ops from another thread, which would flatter the service.
+    """
 
-    singles = []
-    for data in images[:20]:
-        t = time.perf_counter()
-        run([data])
-        singles.append(time.perf_counter() - t)
-    done, i, start = 0, 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        chunk = [images[(i + j) % len(images)] for j in range(batch)]
-        run(chunk)
-        done, i = done + batch, i + batch
-    elapsed = time.perf_counter() - start
-    worker.close()
-    return {"throughput": done / elapsed, "single_p50_ms": 1000 * statistics.median(singles), "images": done}
+    def __init__(self, spec: ModelSpec, batch: int, keep_rate: float) -> None:
+        self.hosted = host(spec, Settings(models=[spec], device="cpu"), resolve_device("cpu"))
+        self.worker = DeviceWorker(self.hosted.device, None)
+        self.worker.executor.submit(self.worker.warm_up, self.hosted, min(batch, 8), 1).result()
+        self.batch, self.keep_rate = batch, keep_rate
+
+    def _run(self, chunk: list[bytes]) -> None:
+        samples = [Sample(self.hosted.preprocess(b), self.keep_rate, 5, False) for b in chunk]
+        self.worker.forward(self.hosted, samples, record=False)
+
+    def run(self, chunk: list[bytes]) -> None:
+        self.worker.executor.submit(self._run, chunk).result()
+
+    def _saturate(self, images: list[bytes], seconds: float) -> dict:
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            self._run([images[(done + j) % len(images)] for j in range(self.batch)])
+            done += self.batch
+        return {"throughput": done / (time.perf_counter() - start)}
+
+    def saturate(self, images: list[bytes], seconds: float) -> dict:
+        return self.worker.executor.submit(self._saturate, images, seconds).result()
 
 
-# -- the service -------------------------------------------------------------------------------------------
-@contextmanager
-def server(args: argparse.Namespace, **flags: object):
+# -- servers and clients -----------------------------------------------------------------------------------
+def start_server(args: argparse.Namespace, flags: dict[str, object]) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -96,41 +107,44 @@ def server(args: argparse.Namespace, **flags: object):
     for k, v in flags.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("EVIT_")}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {proc.stderr.read() if proc.stderr else ''}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server not ready in time")
-            time.sleep(0.2)
-        yield url
-    finally:
-        os.kill(proc.pid, signal.SIGTERM)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server {url} exited with status {proc.returncode}")
         try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"server {url} not ready in time")
+        time.sleep(0.2)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 async def _load(url: str, images: list[bytes], clients: int, seconds: float, rates: list[float]) -> dict:
-    """``clients`` closed-loop clients for ``seconds``; latency per keep rate, throughput, status codes."""
+    """``clients`` closed-loop clients for ``seconds``; latencies per keep rate, throughput, status codes."""
     latencies: dict[float, list[float]] = {r: [] for r in rates}
     codes: dict[int, int] = {}
     stop = time.monotonic() + seconds
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
 
-        async def one_client(c: int) -> None:
-            n = c
+        async def one_client(n: int) -> None:
             while time.monotonic() < stop:
                 rate = rates[n % len(rates)]
                 t = time.perf_counter()
@@ -144,51 +158,132 @@ async def _load(url: str, images: list[bytes], clients: int, seconds: float, rat
         start = time.perf_counter()
         await asyncio.gather(*(one_client(c) for c in range(clients)))
         elapsed = time.perf_counter() - start
-    ok = sum(len(v) for v in latencies.values())
-    return {
-        "throughput": ok / elapsed, "codes": codes,
-        "mean_ms": {f"{r:.2f}": 1000 * statistics.fmean(v) for r, v in latencies.items() if v},
-        "p50_ms": {f"{r:.2f}": 1000 * percentile(v, 50) for r, v in latencies.items() if v},
-    }
+    return {"throughput": sum(map(len, latencies.values())) / elapsed, "codes": codes, "latencies": latencies}
 
 
 def saturate(url: str, images: list[bytes], clients: int, seconds: float, rates: list[float],
-             probe_health: bool = False) -> dict:
-    health: list[float] = []
+             health: list[float] | None = None) -> dict:
+    """Load ``url``; with ``health``, also time ``/healthz`` every 50 ms from another thread meanwhile."""
     done = threading.Event()
 
     def probe() -> None:
         with httpx.Client(base_url=url, timeout=10) as c:
-            time.sleep(1.0)  # let the load build up first
+            time.sleep(min(1.0, seconds / 4))  # let the load build up first
             while not done.is_set():
                 t = time.perf_counter()
                 c.get("/healthz")
+                assert health is not None
                 health.append(time.perf_counter() - t)
                 time.sleep(0.05)
 
     prober = threading.Thread(target=probe, daemon=True)
-    if probe_health:
+    if health is not None:
         prober.start()
     result = asyncio.run(_load(url, images, clients, seconds, rates))
     done.set()
-    if probe_health:
+    if health is not None:
         prober.join()
-        result["healthz_ms"] = {"p50": 1000 * percentile(health, 50), "p99": 1000 * percentile(health, 99),
-                                "max": 1000 * max(health), "n": len(health)}
     return result
 
 
-def low_load(url: str, images: list[bytes], keep_rate: float, count: int) -> dict:
-    times = []
+def low_load(raw: RawPipeline, url: str, images: list[bytes], keep_rate: float, pairs: int) -> dict:
+    """Alternate one raw single image and one request to the idle service, ``pairs`` times."""
+    raw_t, svc_t = [], []
     with httpx.Client(base_url=url, timeout=30) as c:
-        for i in range(count):
+        for i in range(pairs):
+            data = images[i % len(images)]
             t = time.perf_counter()
-            r = c.post("/classify", params={"keep_rate": keep_rate}, content=images[i % len(images)],
-                       headers={"content-type": "image/jpeg"})
-            r.raise_for_status()
-            times.append(time.perf_counter() - t)
-            time.sleep(0.02)  # low load: no overlap between requests
-    return {"p50_ms": 1000 * percentile(times, 50), "p99_ms": 1000 * percentile(times, 99), "n": count}
+            raw.run([data])
+            raw_t.append(time.perf_counter() - t)
+            time.sleep(0.02)
+            t = time.perf_counter()
+            c.post("/classify", params={"keep_rate": keep_rate}, content=data,
+                   headers={"content-type": "image/jpeg"}).raise_for_status()
+            svc_t.append(time.perf_counter() - t)
+            time.sleep(0.02)
+    ms = [1000 * t for t in svc_t]
+    return {"raw_single_p50_ms": 1000 * statistics.median(raw_t), "p50_ms": percentile(ms, 50),
+            "p99_ms": percentile(ms, 99), "pairs": pairs}
+
+
+def summarise(rounds: list[dict]) -> dict:
+    """Median-throughput round, with the latencies of all rounds pooled."""
+    pooled: dict[float, list[float]] = {}
+    codes: dict[int, int] = {}
+    for r in rounds:
+        for rate, values in r.get("latencies", {}).items():
+            pooled.setdefault(rate, []).extend(values)
+        for code, n in r.get("codes", {}).items():
+            codes[code] = codes.get(code, 0) + n
+    out: dict[str, Any] = {"throughput": statistics.median(r["throughput"] for r in rounds),
+                           "rounds": [r["throughput"] for r in rounds]}
+    if pooled:
+        out["codes"] = codes
+        out["mean_ms"] = {f"{k:.2f}": 1000 * statistics.fmean(v) for k, v in pooled.items() if v}
+        out["p50_ms"] = {f"{k:.2f}": 1000 * percentile(v, 50) for k, v in pooled.items() if v}
+    return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    images = load_images(args.images, 64)
+    clients = args.clients or 2 * args.batch_size
+    spec = ModelSpec(arch=args.model, weights=str(args.checkpoint) if args.checkpoint else "random")
+    servers = {name: start_server(args, flags) for name, flags in SERVERS.items()}
+    try:
+        raw = RawPipeline(spec, args.batch_size, args.keep_rate)
+        for proc, url in servers.values():
+            wait_ready(proc, url)
+        url = {name: u for name, (_, u) in servers.items()}
+        health: list[float] = []
+        rate, sec = [args.keep_rate], args.seconds
+        phases: dict[str, Callable[[], dict]] = {
+            "raw": lambda: raw.saturate(images, sec),
+            "service": lambda: saturate(url["batched"], images, clients, sec, rate, health),
+            "batching_off": lambda: saturate(url["unbatched"], images, clients, sec, rate),
+            "policy_auto": lambda: saturate(url["batched"], images, clients, sec, MIXED_RATES),
+            "policy_mixed": lambda: saturate(url["mixed"], images, clients, sec, MIXED_RATES),
+            "policy_grouped": lambda: saturate(url["grouped"], images, clients, sec, MIXED_RATES),
+        }
+        rounds: dict[str, list[dict]] = {name: [] for name in phases}
+        for r in range(args.rounds):
+            for name, phase in phases.items():
+                print(f"round {r + 1}/{args.rounds}: {name} ...", flush=True)
+                rounds[name].append(phase())
+        report: dict[str, Any] = {name: summarise(rs) for name, rs in rounds.items()}
+        report["low_load"] = low_load(raw, url["batched"], images, args.keep_rate, args.pairs)
+        report["service"]["healthz_ms"] = {"p50": 1000 * percentile(health, 50), "p99": 1000 * percentile(health, 99),
+                                           "max": 1000 * max(health), "n": len(health)}
+    finally:
+        for proc, _ in servers.values():
+            stop_server(proc)
+    report.update(model=args.model, weights=spec.weights, batch_size=args.batch_size, keep_rate=args.keep_rate,
+                  clients=clients, rounds=args.rounds, seconds_per_phase=sec, cpus=os.cpu_count(),
+                  torch_threads=torch.get_num_threads())
+    return report
+
+
+def print_report(report: dict[str, Any]) -> None:
+    raw, svc, off, low = report["raw"], report["service"], report["batching_off"], report["low_load"]
+    report["ratios"] = ratios = {
+        "service_over_raw": svc["throughput"] / raw["throughput"],
+        "batching_on_over_off": svc["throughput"] / off["throughput"],
+        "low_load_p50_minus_raw_single_ms": low["p50_ms"] - low["raw_single_p50_ms"],
+        "healthz_p99_ms_at_saturation": svc["healthz_ms"]["p99"],
+    }
+    print(f"\n{report['model']} ({report['weights']}), batch {report['batch_size']}, keep rate {report['keep_rate']}, "
+          f"{report['clients']} clients, median of {report['rounds']} interleaved rounds")
+    print(f"raw pipeline       {raw['throughput']:8.1f} img/s")
+    print(f"service saturated  {svc['throughput']:8.1f} img/s   x{ratios['service_over_raw']:.3f} of raw (goal >= 0.9)")
+    print(f"batching off       {off['throughput']:8.1f} img/s   on/off x{ratios['batching_on_over_off']:.2f}")
+    print(f"low load           p50 {low['p50_ms']:.1f} ms  p99 {low['p99_ms']:.1f} ms  raw single image "
+          f"{low['raw_single_p50_ms']:.1f} ms  difference {ratios['low_load_p50_minus_raw_single_ms']:+.1f} ms "
+          f"(goal <= +5)")
+    h = svc["healthz_ms"]
+    print(f"/healthz saturated p50 {h['p50']:.1f} ms  p99 {h['p99']:.1f} ms  max {h['max']:.1f} ms (goal < 50)")
+    for policy in ("auto", "mixed", "grouped"):
+        r = report[f"policy_{policy}"]
+        means = "  ".join(f"{k}: {v:.0f} ms" for k, v in r["mean_ms"].items())
+        print(f"policy {policy:8s}    {r['throughput']:8.1f} img/s   mean latency by keep rate  {means}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,59 +293,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=Path, default=ASSET_IMAGES)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--keep-rate", type=float, default=0.7)
-    p.add_argument("--seconds", type=float, default=8.0, help="per saturation phase")
+    p.add_argument("--seconds", type=float, default=4.0, help="per phase and round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--pairs", type=int, default=40, help="low-load raw/service pairs")
     p.add_argument("--clients", type=int, default=0, help="concurrent clients at saturation (default 2x batch)")
     p.add_argument("--out", type=Path, default=Path("service-bench.json"))
     args = p.parse_args(argv)
     if args.checkpoint and not args.checkpoint.is_file():
         print(f"no checkpoint at {args.checkpoint}: random weights (timings only)")
         args.checkpoint = None
-    clients = args.clients or 2 * args.batch_size
-    images = load_images(args.images, 64)
-    weights = str(args.checkpoint) if args.checkpoint else "random"
-    spec = ModelSpec(arch=args.model, weights=weights)
-    torch.set_num_threads(os.cpu_count() or 1)
-    rate = [args.keep_rate]
-    mixed = [0.5, 0.7, 1.0]
-
-    report: dict[str, Any] = {"model": args.model, "weights": weights, "batch_size": args.batch_size,
-                              "keep_rate": args.keep_rate, "clients": clients, "images": len(images),
-                              "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    print(f"raw pipeline ({args.model}, batch {args.batch_size}, keep rate {args.keep_rate}) ...", flush=True)
-    report["raw"] = raw_pipeline(spec, images, args.batch_size, args.keep_rate, args.seconds)
-    print("service, batching on ...", flush=True)
-    with server(args) as url:
-        report["service"] = saturate(url, images, clients, args.seconds, rate, probe_health=True)
-        report["low_load"] = low_load(url, images, args.keep_rate, 40)
-        report["policy_auto"] = saturate(url, images, clients, args.seconds, mixed)
-    print("service, batching off ...", flush=True)
-    with server(args, max_batch_size=1) as url:
-        report["batching_off"] = saturate(url, images, clients, args.seconds, rate)
-    for policy in ("mixed", "grouped"):
-        print(f"service, policy {policy} on mixed keep rates ...", flush=True)
-        with server(args, batch_policy=policy) as url:
-            report[f"policy_{policy}"] = saturate(url, images, clients, args.seconds, mixed)
-    report["ratios"] = ratios = {
-        "service_over_raw": report["service"]["throughput"] / report["raw"]["throughput"],
-        "batching_on_over_off": report["service"]["throughput"] / report["batching_off"]["throughput"],
-        "low_load_p50_minus_raw_single_ms": report["low_load"]["p50_ms"] - report["raw"]["single_p50_ms"],
-        "healthz_p99_ms_at_saturation": report["service"]["healthz_ms"]["p99"],
-    }
+    report = run(args)
+    print_report(report)
     args.out.write_text(json.dumps(report, indent=2))
-    print(f"\nraw pipeline       {report['raw']['throughput']:8.1f} img/s   single image "
-          f"{report['raw']['single_p50_ms']:.1f} ms")
-    print(f"service saturated  {report['service']['throughput']:8.1f} img/s   x{ratios['service_over_raw']:.3f} "
-          f"of raw (goal >= 0.9)")
-    print(f"batching off       {report['batching_off']['throughput']:8.1f} img/s   on/off "
-          f"x{ratios['batching_on_over_off']:.2f}")
-    print(f"low load           p50 {report['low_load']['p50_ms']:.1f} ms  p99 {report['low_load']['p99_ms']:.1f} ms"
-          f"   p50 - raw single {ratios['low_load_p50_minus_raw_single_ms']:+.1f} ms (goal <= 5)")
-    h = report["service"]["healthz_ms"]
-    print(f"/healthz saturated p50 {h['p50']:.1f} ms  p99 {h['p99']:.1f} ms  max {h['max']:.1f} ms (goal < 50)")
-    for policy in ("auto", "mixed", "grouped"):
-        r = report[f"policy_{policy}"]
-        means = "  ".join(f"{k}: {v:.0f} ms" for k, v in r["mean_ms"].items())
-        print(f"policy {policy:8s}    {r['throughput']:8.1f} img/s   mean latency by keep rate  {means}")
     print(f"wrote {args.out}")
     return 0
 
