@@ -7,12 +7,14 @@ Middleware, outermost first: request id + access log, bearer-token auth (when to
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi import APIRouter, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BeforeValidator, Field
 
 from service import v2
 from service.auth import protect
@@ -21,6 +23,7 @@ from service.logs import RequestLogMiddleware
 from service.metrics import CONTENT_TYPE
 from service.registry import Registry
 from service.runtime import Answer, Service, ServiceDep
+from service.scheduler import PRIORITIES, Ask
 from service.schemas import (
     ClassifyResponse,
     Health,
@@ -39,10 +42,46 @@ from service.upload import REQUEST_BODY_DOC, BodyTimeout, read_image_bytes
 router = APIRouter()
 
 
+def _keep_rate(value: object) -> object:
+    """One clear message for a bad keep_rate (the union would report one error per member)."""
+    if value is None or value == "auto":
+        return value
+    try:
+        rate = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        rate = math.nan
+    if not 0.0 < rate <= 1.0:  # NaN fails too
+        raise ValueError(f"must be a number in (0, 1] or 'auto', got {value!r}")
+    return rate
+
+
 KeepRate = Annotated[
+    Annotated[float, Field(gt=0.0, le=1.0)] | Literal["auto"] | None,
+    BeforeValidator(_keep_rate),
+    Query(description="fraction of patch tokens kept at each pruning block, in (0, 1]; `auto`: the highest "
+          "rate the latency model predicts will meet the deadline (without one: the service's latency target) "
+          "under the current load, at least `min_keep_rate`; omitted: the model's default. The answer's "
+          "`keep_rate` is the rate used."),
+]
+MinKeepRate = Annotated[
     float | None,
-    Query(gt=0.0, le=1.0, allow_inf_nan=False, description="fraction of patch tokens kept at each pruning "
-          "block, in (0, 1]; omitted: the model's default"),
+    Query(gt=0.0, le=1.0, allow_inf_nan=False, description="with keep_rate=auto: the lowest rate it may "
+          "choose; omitted: the service's `auto_min_keep_rate`"),
+]
+Deadline = Annotated[
+    float | None,
+    Query(gt=0.0, allow_inf_nan=False, description="answer within this many ms of arrival or not at all: a "
+          "request predicted to finish later is refused at once (503 under load, 504 if even an idle model "
+          "is too slow), never run late. Also the `X-Deadline-Ms` header; with both, the smaller counts."),
+]
+DeadlineHeader = Annotated[
+    float | None,
+    Header(alias="X-Deadline-Ms", gt=0.0, allow_inf_nan=False, description="the same as `deadline_ms`"),
+]
+Priority = Annotated[
+    Literal[PRIORITIES],  # type: ignore[valid-type]
+    Query(description="scheduling class: high runs first; under load low is degraded (lower auto keep "
+          "rates) and shed first, and may use only part of the queue"),
 ]
 
 
@@ -58,13 +97,19 @@ async def classify(
     top_k: Annotated[int, Query(ge=1, description="how many classes to return")] = 5,
     model: Annotated[str | None, Query(description="hosted model name; omitted: the default model")] = None,
     return_tokens: Annotated[bool, Query(description="also return the kept patches of each pruning stage")] = False,
+    min_keep_rate: MinKeepRate = None,
+    deadline_ms: Deadline = None,
+    x_deadline_ms: DeadlineHeader = None,
+    priority: Priority = "normal",
 ) -> ClassifyResponse:
     hosted = svc.model(model)
     if top_k > svc.settings.max_top_k:
         raise ApiError(422, f"top_k={top_k} is over the limit of {svc.settings.max_top_k}", "invalid_parameter")
+    deadlines = [d for d in (deadline_ms, x_deadline_ms) if d is not None]
+    ask = Ask(keep_rate == "auto", min_keep_rate, min(deadlines) if deadlines else None, priority)
     answer = await svc.infer(
-        request, hosted, keep_rate, top_k, return_tokens,
-        lambda: read_image_bytes(request, svc.settings.max_body_bytes),
+        request, hosted, None if keep_rate == "auto" else keep_rate, top_k, return_tokens,
+        lambda: read_image_bytes(request, svc.settings.max_body_bytes), ask,
     )
     return classify_response(answer)
 
@@ -96,7 +141,11 @@ def classify_response(a: Answer) -> ClassifyResponse:
 async def models(svc: ServiceDep) -> ModelsResponse:
     if svc.registry is None:
         raise ApiError(503, "models are still loading", "not_ready", {"Retry-After": "1"})
-    return ModelsResponse(default=svc.registry.default, models=[ModelInfo(**m.info()) for m in svc.registry])
+    batcher = svc.batcher
+    return ModelsResponse(default=svc.registry.default, models=[
+        ModelInfo(**m.info(), latency_model=batcher.queues[m.name].scheduler.info() if batcher else None)
+        for m in svc.registry
+    ])
 
 
 @router.get("/healthz", response_model=Health, tags=["service"], summary="Liveness: the process answers")

@@ -10,6 +10,11 @@ client went away or whose deadline passed are dropped when the batch is formed: 
 batch is split into forward passes by ``policy.plan_passes`` and each pass's requests are answered as soon
 as that pass ends. A pass that fails answers only its own requests (500); one that runs out of device memory
 is retried in halves, down to single samples, and what still does not fit gets 503 with Retry-After.
+
+Deadlines, ``keep_rate=auto`` and priorities are decided by ``scheduler`` with the model's latency model
+(``latency``): the queue is kept in priority order, a request that cannot meet its deadline is refused
+when it arrives, the max wait is cut short when waiting would break a deadline, and a batch that would
+end too late lowers its auto members' keep rates or sheds its lowest-priority members.
 """
 
 from __future__ import annotations
@@ -20,69 +25,23 @@ import logging
 import math
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import replace
 
 import torch
 
 from service.errors import ApiError
+from service.latency import LatencyModel
 from service.metrics import Metrics
-from service.policy import PassCost, plan_passes
+from service.modelqueue import ModelQueue, Pending, Ticket
+from service.policy import plan_passes
 from service.registry import HostedModel, Registry
+from service.scheduler import PRIORITIES, Job, Scheduler, Unreachable, refusal
 from service.settings import Settings
 from service.worker import DeviceWorker, Sample, SampleResult
 
+__all__ = ["Batcher", "ModelQueue", "Pending", "Ticket"]
+
 log = logging.getLogger("service.batcher")
-
-
-class ModelQueue:
-    def __init__(self, hosted: HostedModel, worker: DeviceWorker) -> None:
-        self.hosted = hosted
-        self.worker = worker
-        self.items: deque[Pending] = deque()
-        self.admitted = 0  # admitted and not yet in a batch: decoding, or waiting in ``items``
-        self.wake = asyncio.Event()
-        self.running = False
-        self.cost: PassCost | None = None  # calibrated at warm-up
-        self.pass_s = 0.0  # moving average of a batch's time, for Retry-After
-        self.gap_s = math.inf  # moving average of the time between arrivals
-        self.last_arrival: float | None = None
-
-    def arrived(self, now: float) -> None:
-        if self.last_arrival is not None:
-            gap = now - self.last_arrival
-            self.gap_s = gap if math.isinf(self.gap_s) else 0.7 * self.gap_s + 0.3 * gap
-        self.last_arrival = now
-
-
-class Ticket:
-    """A request's admission slot; released when its batch is formed or when the request ends early."""
-
-    def __init__(self, queue: ModelQueue, metrics: Metrics) -> None:
-        self.queue = queue
-        self.metrics = metrics
-        self.released = False
-
-    def release(self) -> None:
-        if not self.released:
-            self.released = True
-            self.queue.admitted -= 1
-            self.metrics.admitted.labels(model=self.queue.hosted.name).set(self.queue.admitted)
-
-    def __enter__(self) -> Ticket:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-@dataclass(eq=False)
-class Pending:
-    sample: Sample
-    deadline: float  # time.monotonic()
-    future: asyncio.Future[SampleResult]
-    ticket: Ticket
-    enqueued: float = field(default_factory=time.monotonic)
-    queue_s: float = 0.0
 
 
 class Batcher:
@@ -90,8 +49,14 @@ class Batcher:
         self.settings = settings
         self.metrics = metrics
         self.workers = {d: DeviceWorker(d, metrics) for d in registry.devices}
-        self.queues = {m.name: ModelQueue(m, self.workers[m.device]) for m in registry}
+        self.queues = {m.name: ModelQueue(m, self.workers[m.device], self._scheduler(m)) for m in registry}
         self._tasks: list[asyncio.Task[None]] = []
+
+    def _scheduler(self, hosted: HostedModel) -> Scheduler:
+        """Uncalibrated until warm-up (without warm-up: until the first passes are measured)."""
+        s = self.settings
+        return Scheduler(LatencyModel(z=s.latency_safety_z), hosted.gmacs, s.max_batch_size, s.batch_policy,
+                         s.auto_keep_rate_step, s.load_window_s)
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -104,10 +69,13 @@ class Batcher:
         batch = min(self.settings.max_batch_size, 8)
         for q in self.queues.values():
             start = time.perf_counter()
-            q.cost = await loop.run_in_executor(q.worker.executor, q.worker.warm_up, q.hosted, batch)
+            cost = await loop.run_in_executor(q.worker.executor, q.worker.warm_up, q.hosted, batch)
+            q.scheduler.latency = LatencyModel.from_warmup(cost, q.hosted.gmacs(1.0), batch,
+                                                           z=self.settings.latency_safety_z)
+            q.export_latency(self.metrics)
             q.hosted.ready = True
             log.info("warmed up %s in %.2f s", q.hosted.name, time.perf_counter() - start,
-                     extra={"model": q.hosted.name, "pass_cost": q.cost and vars(q.cost)})
+                     extra={"model": q.hosted.name, "latency_model": q.latency.info()})
 
     def idle(self) -> bool:
         return all(q.admitted == 0 and not q.items and not q.running for q in self.queues.values())
@@ -129,12 +97,19 @@ class Batcher:
             await asyncio.to_thread(worker.close)
 
     # -- requests ------------------------------------------------------------------------------------
-    def admit(self, model: str) -> Ticket:
-        """A slot in ``model``'s queue, or 503 with Retry-After when the queue is full."""
+    def admit(self, model: str, job: Job | None = None) -> Ticket:
+        """A slot in ``model``'s queue, or 503 with Retry-After when the queue is full (for low priority:
+        its share of the queue), or a refusal when ``job`` is already predicted to miss its deadline."""
         q = self.queues[model]
-        if q.admitted >= self.settings.queue_size:
-            raise ApiError(503, f"model {model} is overloaded ({q.admitted} requests queued); retry later",
+        limit = self.settings.queue_size
+        if job is not None and PRIORITIES[job.priority] == "low":
+            limit = max(1, int(limit * self.settings.low_priority_queue_share))
+        if q.admitted >= limit:
+            which = "" if limit == self.settings.queue_size else " for low-priority requests"
+            raise ApiError(503, f"model {model} is overloaded{which} ({q.admitted} requests queued); retry later",
                            "overloaded", {"Retry-After": str(self.retry_after(q))})
+        if job is not None:
+            self._place(q, job, commit=False)  # refuse now rather than after reading and decoding the image
         q.admitted += 1
         self.metrics.admitted.labels(model=model).set(q.admitted)
         return Ticket(q, self.metrics)
@@ -144,25 +119,41 @@ class Batcher:
         batches = math.ceil(q.admitted / self.settings.max_batch_size)
         return max(1, math.ceil(batches * q.pass_s))
 
-    def submit(self, ticket: Ticket, sample: Sample, deadline: float) -> Pending:
+    def submit(self, ticket: Ticket, sample: Sample, deadline: float, job: Job | None = None) -> Pending:
+        """Queue ``sample`` in run order; ``job`` (default: a fixed-rate normal-priority one) is placed by
+        the scheduler, which sets its keep rate (``auto``) or refuses it (deadline unreachable)."""
         q = ticket.queue
-        item = Pending(sample, deadline, asyncio.get_running_loop().create_future(), ticket)
+        job = job or Job(sample.keep_rate, deadline)
+        job.deadline = min(job.deadline, deadline)
+        index, job.rate = self._place(q, job)
+        sample = replace(sample, keep_rate=job.rate)
+        item = Pending(sample, job.deadline, asyncio.get_running_loop().create_future(), ticket, job)
         q.arrived(item.enqueued)
-        q.items.append(item)
+        q.items.insert(index, item)
         self.metrics.queue_depth.labels(model=q.hosted.name).set(len(q.items))
         q.wake.set()
         return item
+
+    def _place(self, q: ModelQueue, job: Job, commit: bool = True) -> tuple[int, float]:
+        now = time.monotonic()
+        try:
+            return q.scheduler.place(job, q.jobs(), now, q.busy_until if q.running else now, commit)
+        except Unreachable as e:
+            self.metrics.deadline_refused.labels(model=q.hosted.name, priority=PRIORITIES[job.priority],
+                                                 stage="admission").inc()
+            raise refusal(e, len(q.items), self.retry_after(q)) from None
 
     # -- batch formation (event loop) ----------------------------------------------------------------
     async def _form_batches(self, q: ModelQueue) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await self._wait_for_batch(q)
-            batch = self._take(q)
+            batch, predicted = self._take(q)
             if not batch:
                 continue
             q.running = True
             start = time.monotonic()
+            q.busy_until = start + predicted
             try:
                 await loop.run_in_executor(q.worker.executor, self._run, q, batch, loop)
             except Exception as e:  # the pass itself failed: answer 500, keep serving
@@ -170,7 +161,11 @@ class Batcher:
                 self._fail([p for p in batch if not p.future.done()], e)
             finally:
                 q.running = False
-                q.pass_s = 0.8 * q.pass_s + 0.2 * (time.monotonic() - start) if q.pass_s else time.monotonic() - start
+                measured = time.monotonic() - start
+                q.pass_s = 0.8 * q.pass_s + 0.2 * measured if q.pass_s else measured
+                if predicted:
+                    self.metrics.batch_predicted.labels(model=q.hosted.name).observe(predicted)
+                    self.metrics.batch_measured.labels(model=q.hosted.name).observe(measured)
 
     async def _wait_for_batch(self, q: ModelQueue) -> None:
         max_wait = self.settings.max_wait_s
@@ -178,11 +173,14 @@ class Batcher:
             self._drop_dead(q)
             timeout = None
             if q.items:
-                waited = time.monotonic() - q.items[0].enqueued
+                now = time.monotonic()
+                waited = now - q.items[0].enqueued
                 full = len(q.items) >= self.settings.max_batch_size
                 if full or waited >= max_wait or q.gap_s > max_wait:  # no company expected in time: go now
                     return
-                timeout = max_wait - waited
+                timeout = min(max_wait - waited, q.scheduler.slack(q.jobs(), now))  # waiting breaks no deadline
+                if timeout <= 0:
+                    return
             q.wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(q.wake.wait(), timeout)
@@ -205,7 +203,9 @@ class Batcher:
             q.items = live
             self.metrics.queue_depth.labels(model=q.hosted.name).set(len(live))
 
-    def _take(self, q: ModelQueue) -> list[Pending]:
+    def _take(self, q: ModelQueue) -> tuple[list[Pending], float]:
+        """The next batch (its auto keep rates lowered or members shed if it would end too late) and its
+        predicted time (0 when the latency model knows nothing yet)."""
         n = min(len(q.items), self.settings.max_batch_size)
         batch = [q.items.popleft() for _ in range(n)]
         now = time.monotonic()
@@ -215,12 +215,29 @@ class Batcher:
             p.queue_s = now - p.enqueued
             self.metrics.queue_wait.labels(model=name).observe(p.queue_s)
         self.metrics.queue_depth.labels(model=name).set(len(q.items))
-        return batch
+        _, shed = q.scheduler.fit_batch([p.job for p in batch], now)
+        for job in shed:
+            p = next(p for p in batch if p.job is job)
+            batch.remove(p)
+            self.metrics.deadline_refused.labels(model=name, priority=PRIORITIES[job.priority], stage="batch").inc()
+            if not p.future.done():
+                p.future.set_exception(ApiError(504, "deadline cannot be met: the request's batch would finish "
+                                                "after its deadline, so it was not run", "deadline_unreachable"))
+        for p in batch:
+            if p.sample.keep_rate != p.job.rate:
+                p.sample = replace(p.sample, keep_rate=p.job.rate)
+            if p.job.auto:
+                self.metrics.auto_keep_rate.labels(model=name, priority=PRIORITIES[p.job.priority]).observe(
+                    p.job.rate)
+        rates = [p.job.rate for p in batch]
+        predicted = q.scheduler.batch_seconds(rates) if batch and q.latency.calibrated else 0.0
+        return batch, predicted
 
     # -- on the device thread ------------------------------------------------------------------------
     def _run(self, q: ModelQueue, batch: list[Pending], loop: asyncio.AbstractEventLoop) -> None:
         hosted = q.hosted
-        passes = plan_passes([p.sample.keep_rate for p in batch], hosted.gmacs, q.cost, self.settings.batch_policy)
+        passes = plan_passes([p.sample.keep_rate for p in batch], hosted.gmacs, q.latency.cost,
+                             self.settings.batch_policy)
         for indices in passes:
             items = [batch[i] for i in indices if not batch[i].future.done()]  # clients gone since forming
             if items:
@@ -239,6 +256,8 @@ class Batcher:
             return
         if results is not None:
             loop.call_soon_threadsafe(self._resolve, items, results)
+            rates = [p.sample.keep_rate for p in items]
+            loop.call_soon_threadsafe(q.learn, rates, results[0].inference_s, self.metrics)
             return
         q.worker.release_memory()
         if len(items) == 1:

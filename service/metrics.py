@@ -31,6 +31,7 @@ LATENCY_BUCKETS = (
 )
 QUEUE_BUCKETS = (0.0001, 0.0005, *LATENCY_BUCKETS)
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024)
+KEEP_RATE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05, 0.10, ..., 1.00
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
@@ -82,6 +83,28 @@ class Metrics:
             "evit_admitted_requests", "Requests admitted and not yet batched (decoding or queued); capped "
             "by the queue size.", ["model"], registry=r,
         )
+        # latency-aware scheduling (service/scheduler.py, service/latency.py)
+        self.auto_keep_rate = Histogram(
+            "evit_auto_keep_rate", "Keep rates that keep_rate=auto requests ran at.",
+            ["model", "priority"], buckets=KEEP_RATE_BUCKETS, registry=r,
+        )
+        self.batch_predicted = Histogram(
+            "evit_batch_predicted_seconds", "A batch's time (all its passes) as the latency model predicted "
+            "it when the batch was formed.", ["model"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.batch_measured = Histogram(
+            "evit_batch_measured_seconds", "A batch's time (all its passes) as measured; compare with "
+            "evit_batch_predicted_seconds.", ["model"], buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.latency_model = Gauge(
+            "evit_latency_model", "The latency model's current fit: pass time = overhead_seconds + "
+            "seconds_per_gmac * GMACs; relative_error is the RMS relative error of recent predictions.",
+            ["model", "parameter"], registry=r,
+        )
+        self.deadline_refused = Counter(
+            "evit_deadline_refused", "Requests refused because they would finish past their deadline: at "
+            "admission or when their batch was formed (stage).", ["model", "priority", "stage"], registry=r,
+        )
         self.ready = Gauge(
             "evit_ready", "1 when the service is ready to take requests (loaded, warmed up, not draining).",
             registry=r,
@@ -89,7 +112,8 @@ class Metrics:
 
     def init_model(self, model: str) -> None:
         """Export zero-valued series for a model at start-up, so dashboards see it before traffic."""
-        for m in (self.queue_wait, self.batch_size, self.batch_inference, self.decode_duration):
+        for m in (self.queue_wait, self.batch_size, self.batch_inference, self.decode_duration,
+                  self.batch_predicted, self.batch_measured):
             m.labels(model=model)
         self.queue_depth.labels(model=model).set(0)
         self.admitted.labels(model=model).set(0)
@@ -99,6 +123,11 @@ class Metrics:
         self.requests.labels(model=model, keep_rate=rate, code=str(code)).inc()
         if code == 200:
             self.request_duration.labels(model=model, keep_rate=rate).observe(seconds)
+
+    def set_latency_model(self, model: str, overhead_s: float, seconds_per_gmac: float, error: float) -> None:
+        for name, value in (("overhead_seconds", overhead_s), ("seconds_per_gmac", seconds_per_gmac),
+                            ("relative_error", error)):
+            self.latency_model.labels(model=model, parameter=name).set(value)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -21,6 +21,7 @@ from service.batcher import Batcher, Pending
 from service.errors import CLIENT_GONE, ApiError
 from service.metrics import NO_MODEL, Metrics
 from service.registry import HostedModel, Registry, load_registry
+from service.scheduler import PRIORITIES, Ask, Job
 from service.settings import Settings
 from service.worker import Sample, SampleResult
 
@@ -115,19 +116,25 @@ class Service:
 
     async def infer(
         self, request: Request, hosted: HostedModel, keep_rate: float | None, top_k: int, want_kept: bool,
-        read: Callable[[], Awaitable[bytes]],
+        read: Callable[[], Awaitable[bytes]], ask: Ask | None = None,
     ) -> Answer:
-        """Admit, read and decode the image, queue it, and wait for its answer (or 504 / client gone)."""
+        """Admit, read and decode the image, queue it, and wait for its answer (or 504 / client gone).
+
+        ``ask``: deadline, ``keep_rate=auto`` and priority (see ``service.scheduler``); the answer's
+        ``keep_rate`` is the rate the request ran at."""
+        ask = ask or Ask()
         rate = hosted.default_keep_rate if keep_rate is None else keep_rate
-        request.state.log.update(model=hosted.name, keep_rate=rate)
-        request.state.metric_labels = (hosted.name, rate)
+        request.state.log.update(model=hosted.name, keep_rate="auto" if ask.auto else rate, priority=ask.priority,
+                                 deadline_ms=ask.deadline_ms)
+        request.state.metric_labels = (hosted.name, None if ask.auto else rate)
         if top_k > hosted.num_classes:
             raise ApiError(422, f"top_k={top_k} is more than the model's {hosted.num_classes} classes",
                            "invalid_parameter")
         self.check_accepting()
         assert self.batcher is not None
         started: float = request.state.started
-        with self.batcher.admit(hosted.name) as ticket:
+        job = self._job(ask, rate, started)
+        with self.batcher.admit(hosted.name, job) as ticket:
             data = await read()
             t0 = time.monotonic()
             loop = asyncio.get_running_loop()
@@ -136,15 +143,27 @@ class Service:
             finally:
                 self.metrics.decode_duration.labels(model=hosted.name).observe(time.monotonic() - t0)
             decode_s = time.monotonic() - t0
-            deadline = started + self.settings.request_timeout_s
-            if time.monotonic() >= deadline:
-                raise ApiError(504, "request timed out before it could be queued", "timeout")
-            item = self.batcher.submit(ticket, Sample(tensor, rate, top_k, want_kept), deadline)
+            if time.monotonic() >= job.deadline:
+                raise ApiError(504, "request timed out (deadline or request timeout) before it could be queued",
+                               "timeout")
+            item = self.batcher.submit(ticket, Sample(tensor, rate, top_k, want_kept), job.deadline, job)
             result = await self._wait(request.receive, item)
         total = time.monotonic() - started
-        request.state.log.update(batch_size=result.batch_size, queue_ms=round(item.queue_s * 1000, 3),
+        used = item.sample.keep_rate
+        request.state.metric_labels = (hosted.name, used)
+        request.state.log.update(keep_rate=used, batch_size=result.batch_size, queue_ms=round(item.queue_s * 1000, 3),
                                  inference_ms=round(result.inference_s * 1000, 3))
-        return Answer(hosted, rate, result, decode_s, item.queue_s, total)
+        return Answer(hosted, used, result, decode_s, item.queue_s, total)
+
+    def _job(self, ask: Ask, rate: float, started: float) -> Job:
+        """The scheduler's view of a request that arrived at ``started``."""
+        s = self.settings
+        deadline = started + s.request_timeout_s
+        if ask.deadline_ms is not None:
+            deadline = min(deadline, started + ask.deadline_ms / 1e3)
+        target = deadline if ask.deadline_ms is not None else started + s.latency_target_ms / 1e3
+        floor = ask.min_keep_rate or s.auto_min_keep_rate
+        return Job(rate, deadline, PRIORITIES.index(ask.priority), ask.auto, floor if ask.auto else rate, target)
 
     async def _wait(self, receive: Receive, item: Pending) -> SampleResult:
         watcher = asyncio.ensure_future(_client_gone(receive))
@@ -156,8 +175,8 @@ class Service:
                 return item.future.result()  # an ApiError (504 from the queue, 500) raises here
             if watcher in done:
                 raise ApiError(CLIENT_GONE, "client closed the connection; request dropped", "client_closed_request")
-            raise ApiError(504, f"no answer within the request timeout ({self.settings.request_timeout_s:g} s)",
-                           "timeout")
+            raise ApiError(504, f"no answer within the request's deadline or the request timeout "
+                           f"({self.settings.request_timeout_s:g} s)", "timeout")
         finally:
             watcher.cancel()
             item.future.cancel()  # no-op when answered; otherwise the batcher drops it unrun

@@ -32,7 +32,7 @@ class KeptPatches(BaseModel):
 
 class ClassifyResponse(BaseModel):
     model: str
-    keep_rate: float = Field(description="the keep rate used")
+    keep_rate: float = Field(description="the keep rate used (with keep_rate=auto: the one the scheduler chose)")
     predictions: list[Prediction] = Field(description="top-k classes, most probable first")
     tokens: int = Field(description="tokens the transformer blocks processed, summed over blocks")
     timings: Timings
@@ -56,6 +56,10 @@ class ModelInfo(BaseModel):
     ready: bool
     gmacs: dict[str, float] = Field(description="GMACs per image at a few keep rates")
     tokens: dict[str, int] = Field(description="tokens the blocks process per image at those keep rates")
+    latency_model: dict[str, Any] | None = Field(
+        None, description="the scheduler's latency model: pass time = overhead + time per GMAC (calibrated at "
+        "warm-up, updated from every pass), its recent relative error and safety factor, and the predicted time "
+        "of a full batch at a few keep rates")
 
 
 class ModelsResponse(BaseModel):
@@ -88,8 +92,10 @@ _ERRORS: dict[int, str] = {
     415: "The body is not an image type the service accepts.",
     422: "A parameter is invalid (keep_rate outside (0, 1] or not a number, top_k out of range, ...).",
     499: "The client went away before the answer; the request was dropped before inference.",
-    503: "Not ready (loading, warming up or draining) or overloaded (queue full). See Retry-After.",
-    504: "The request was not answered within the request timeout; it was not run.",
+    503: "Not ready (loading, warming up or draining), overloaded (queue full), or the request's deadline cannot "
+         "be met under the current load (`deadline_unreachable`; refused at arrival, not run). See Retry-After.",
+    504: "The request was not answered within its deadline or the request timeout, or its deadline cannot be "
+         "met even by an idle model (`deadline_unreachable`); it was not run.",
 }
 
 

@@ -78,6 +78,14 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(60.0, ge=0.0, allow_inf_nan=False)
     warmup: bool = True
 
+    # latency-aware scheduling (see service/scheduler.py): keep_rate=auto, deadlines, priorities
+    latency_target_ms: float = Field(500.0, gt=0.0, allow_inf_nan=False)  # auto without a deadline aims here
+    auto_min_keep_rate: float = Field(0.25, gt=0.0, le=1.0, allow_inf_nan=False)  # auto's floor by default
+    auto_keep_rate_step: float = Field(0.05, gt=0.0, le=1.0, allow_inf_nan=False)  # auto's grid of rates
+    low_priority_queue_share: float = Field(0.5, gt=0.0, le=1.0)  # low-priority requests get this part of the queue
+    latency_safety_z: float = Field(2.0, ge=0.0, le=10.0)  # margin: predictions x (1 + z * relative error)
+    load_window_s: float = Field(2.0, gt=0.0, allow_inf_nan=False)  # auto keeps up with arrivals over this window
+
     # input limits
     max_body_bytes: int = Field(20 * 2**20, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)  # checked from the image header, before decoding
@@ -199,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--request-timeout-s", type=float, help="requests not answered by then get 504 (and are not run)")
     add("--batch-policy", choices=["auto", "mixed", "grouped"],
         help="auto: the cost model chooses per batch between one mixed-rate batch and groups by keep rate")
+    add("--latency-target-ms", type=float, help="keep_rate=auto without a deadline: the latency it aims for")
+    add("--auto-min-keep-rate", type=float, help="keep_rate=auto: the lowest rate chosen unless min_keep_rate says")
     add("--torch-threads", type=int)
     add("--decode-threads", type=int)
     add("--max-body-bytes", type=int)

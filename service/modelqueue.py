@@ -1,0 +1,86 @@
+"""One hosted model's batching queue: its pending requests in run order, admission tickets, and the
+scheduler (with its latency model) that decides deadlines, ``keep_rate=auto`` and priorities for it."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from service.latency import LatencyModel
+from service.metrics import Metrics
+from service.registry import HostedModel
+from service.scheduler import Job, Scheduler
+from service.worker import DeviceWorker, Sample, SampleResult
+
+
+class ModelQueue:
+    def __init__(self, hosted: HostedModel, worker: DeviceWorker, scheduler: Scheduler) -> None:
+        self.hosted = hosted
+        self.worker = worker
+        self.scheduler = scheduler  # its latency model is calibrated at warm-up, then learns from every pass
+        self.items: deque[Pending] = deque()  # in run order: by priority, then arrival
+        self.admitted = 0  # admitted and not yet in a batch: decoding, or waiting in ``items``
+        self.wake = asyncio.Event()
+        self.running = False
+        self.busy_until = 0.0  # when the batch in flight is predicted to end
+        self.pass_s = 0.0  # moving average of a batch's time, for Retry-After
+        self.gap_s = math.inf  # moving average of the time between arrivals
+        self.last_arrival: float | None = None
+
+    def arrived(self, now: float) -> None:
+        if self.last_arrival is not None:
+            gap = now - self.last_arrival
+            self.gap_s = gap if math.isinf(self.gap_s) else 0.7 * self.gap_s + 0.3 * gap
+        self.last_arrival = now
+
+    @property
+    def latency(self) -> LatencyModel:
+        return self.scheduler.latency
+
+    def jobs(self) -> list[Job]:
+        return [p.job for p in self.items]
+
+    def learn(self, rates: list[float], seconds: float, metrics: Metrics) -> None:
+        """The latency model learns from a measured pass (on the event loop)."""
+        self.latency.observe(sum(self.hosted.gmacs(r) for r in rates), seconds)
+        self.export_latency(metrics)
+
+    def export_latency(self, metrics: Metrics) -> None:
+        c = self.latency.cost
+        if c is not None:
+            metrics.set_latency_model(self.hosted.name, c.overhead_s, c.seconds_per_gmac, self.latency.error)
+
+
+class Ticket:
+    """A request's admission slot; released when its batch is formed or when the request ends early."""
+
+    def __init__(self, queue: ModelQueue, metrics: Metrics) -> None:
+        self.queue = queue
+        self.metrics = metrics
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.queue.admitted -= 1
+            self.metrics.admitted.labels(model=self.queue.hosted.name).set(self.queue.admitted)
+
+    def __enter__(self) -> Ticket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+@dataclass(eq=False)
+class Pending:
+    sample: Sample
+    deadline: float  # time.monotonic()
+    future: asyncio.Future[SampleResult]
+    ticket: Ticket
+    job: Job
+    enqueued: float = field(default_factory=time.monotonic)
+    queue_s: float = 0.0

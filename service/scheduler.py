@@ -1,0 +1,259 @@
+"""Latency-aware scheduling over one model's batching queue: deadlines, ``keep_rate=auto`` and priorities.
+
+Pure decisions on clock values passed in (the batcher passes ``time.monotonic()``, tests a fake clock),
+made with the latency model's predictions (``service.latency``).
+
+The plan. The queue is kept in run order: by priority class (high, normal, low), then by arrival. The
+batcher takes the first ``max_batch`` jobs whenever the device is free, so the plan is the run order cut
+into chunks of ``max_batch``, each starting when the one before ends (the first when the pass in flight
+ends), each taking what the batch-formation policy's passes over its keep rates are predicted to take.
+A job's predicted finish is the end of its chunk, the span from now multiplied by the model's ``safety``.
+
+- Placing a request (when it is admitted, and again once its image is decoded): it goes behind every
+  queued job of its class or a higher one. A fixed-rate request is refused when its predicted finish is
+  past its deadline. ``keep_rate=auto`` takes the highest keep rate on a grid (1.0, 0.95, ... down to its
+  ``min_keep_rate``) predicted to finish by its deadline or, without one, by the latency target; when not
+  even ``min_keep_rate`` meets the deadline it is refused. Refused means answered at once, never run late.
+- Forming a batch: its predicted end must be within every member's deadline. If not, the auto members
+  are lowered (the highest common cap on their rates that fits); if even their minimum rates do not fit,
+  the late member of the lowest priority is shed and the rest tried again.
+- Waiting for a fuller batch: the batcher's max wait is cut to the least slack in the queue (a job's
+  deadline, or auto's target, minus its predicted finish if the batch went now).
+
+Low-priority work is thus degraded and shed first: it plans behind the rest (lower auto rates, refused
+first), high-priority arrivals overtake it, and it is the first shed from a batch that does not fit.
+Keep rates chosen under load are not raised later: new arrivals see the shorter queue and choose higher
+rates themselves, so the rates rise again as soon as the load falls.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from service.errors import ApiError
+from service.latency import LatencyModel, OfferedLoad
+from service.policy import plan_passes
+
+PRIORITIES = ("high", "normal", "low")  # run order; a job's ``priority`` is its index here
+NORMAL = PRIORITIES.index("normal")
+UTILIZATION = 0.9  # auto keeps the device at most this busy with the recent arrivals
+
+
+@dataclass(frozen=True)
+class Ask:
+    """A request's scheduling options as the API takes them."""
+
+    auto: bool = False  # keep_rate=auto
+    min_keep_rate: float | None = None  # auto's floor; None: the service's setting
+    deadline_ms: float | None = None  # from the request's arrival; None: only the request timeout
+    priority: str = "normal"  # one of PRIORITIES
+
+
+@dataclass(eq=False)
+class Job:
+    """What the scheduler knows of one request. Times are clock seconds (absolute)."""
+
+    rate: float  # the keep rate it runs at: fixed, or auto's current choice
+    deadline: float  # hard: refused or shed rather than finished later
+    priority: int = NORMAL
+    auto: bool = False
+    min_rate: float = 1.0  # auto: the lowest keep rate it accepts
+    target: float = math.inf  # auto: finish by then if any rate allows (the latency target)
+
+    @property
+    def due(self) -> float:
+        return min(self.deadline, self.target)
+
+
+class Unreachable(Exception):
+    """The job is predicted to finish after its deadline: ``finish`` in this queue, ``idle_finish`` alone."""
+
+    def __init__(self, now: float, finish: float, deadline: float, idle_finish: float) -> None:
+        super().__init__(f"predicted to finish {(finish - now) * 1e3:.0f} ms from now, "
+                         f"deadline {(deadline - now) * 1e3:.0f} ms")
+        self.now, self.finish, self.deadline, self.idle_finish = now, finish, deadline, idle_finish
+
+    @property
+    def impossible(self) -> bool:
+        """Not even an idle model would make it: retrying will not help, only a longer deadline."""
+        return self.idle_finish > self.deadline
+
+
+def refusal(e: Unreachable, queued: int, retry_after_s: int) -> ApiError:
+    """The answer to a request refused at arrival: 504 when only a longer deadline helps, else 503."""
+    left, eta = (e.deadline - e.now) * 1e3, (e.finish - e.now) * 1e3
+    if left <= 0:
+        return ApiError(504, "deadline passed before the request could be queued (reading and decoding it took "
+                        "longer); allow a longer deadline_ms", "deadline_unreachable")
+    if e.impossible:
+        return ApiError(504, f"deadline cannot be met: {left:.1f} ms left, but even an idle model is predicted to "
+                        f"need {(e.idle_finish - e.now) * 1e3:.1f} ms; allow a longer deadline_ms or a lower "
+                        "keep rate", "deadline_unreachable")
+    return ApiError(503, f"deadline cannot be met under the current load: predicted to finish in {eta:.0f} ms "
+                    f"({queued} requests queued), deadline in {left:.0f} ms; retry later, allow a longer "
+                    "deadline_ms, or use keep_rate=auto (or a lower min_keep_rate)", "deadline_unreachable",
+                    {"Retry-After": str(retry_after_s)})
+
+
+def insert_at(queue: Sequence[Job], priority: int) -> int:
+    """Index a new job of ``priority`` takes in ``queue`` (run order): behind its class and higher ones."""
+    return bisect.bisect_right([j.priority for j in queue], priority)
+
+
+class Scheduler:
+    def __init__(
+        self, latency: LatencyModel, gmacs: Callable[[float], float], max_batch: int,
+        policy: str = "auto", step: float = 0.05, window: float = 2.0,
+    ) -> None:
+        self.latency = latency
+        self.gmacs = gmacs  # per-image GMACs at a keep rate
+        self.max_batch = max_batch
+        self.policy = policy
+        self.step = step
+        self.load = OfferedLoad(window)
+
+    def grid(self, min_rate: float) -> tuple[float, ...]:
+        return rate_grid(min_rate, self.step)
+
+    def batch_seconds(self, rates: Sequence[float]) -> float:
+        """Predicted time of one batch at these keep rates: its passes as the policy splits them, summed."""
+        cost = self.latency.cost
+        assert cost is not None
+        passes = plan_passes(rates, self.gmacs, cost, self.policy)
+        return sum(cost.seconds(sum(self.gmacs(rates[i]) for i in p)) for p in passes)
+
+    def _finish(self, now: float, end: float) -> float:
+        return now + self.latency.safety * max(end - now, 0.0)
+
+    # -- decisions -----------------------------------------------------------------------------------
+    def place(
+        self, job: Job, queue: Sequence[Job], now: float, busy_until: float, commit: bool = True
+    ) -> tuple[int, float]:
+        """Where ``job`` goes in ``queue`` and the keep rate it runs at; raises :class:`Unreachable`.
+
+        ``busy_until``: when the pass in flight is predicted to end (``now`` or earlier when idle).
+        The request counts in the offered load once: when refused, or when placed with ``commit``
+        (``commit=False``: a dry run, the request will be placed for real later).
+        """
+        try:
+            i, rate = self._place(job, queue, now, busy_until)
+        except Unreachable:
+            self.load.add(now, job.priority, job.auto, self.gmacs(job.min_rate if job.auto else job.rate))
+            raise
+        if commit:
+            self.load.add(now, job.priority, job.auto, self.gmacs(rate))
+        return i, rate
+
+    def sustainable(self, job: Job, now: float) -> float:
+        """The highest keep rate at which the device keeps up with the recent arrivals of the job's class
+        and higher ones, auto requests of its class all at that rate (``UTILIZATION`` at most)."""
+        cost = self.latency.cost
+        assert cost is not None
+        others, others_gmacs, autos = self.load.demand(now, job.priority)
+        autos += 1  # this one
+        per_request = cost.overhead_s / self.max_batch  # full batches: the pass overhead is shared
+        budget = UTILIZATION * self.load.window / self.latency.safety
+        room = budget - (others + autos) * per_request - cost.seconds_per_gmac * others_gmacs
+        max_gmacs = room / (autos * cost.seconds_per_gmac)
+        return _highest(self.grid(job.min_rate), lambda r: self.gmacs(r) <= max_gmacs)
+
+    def _place(self, job: Job, queue: Sequence[Job], now: float, busy_until: float) -> tuple[int, float]:
+        i = insert_at(queue, job.priority)
+        if not self.latency.calibrated:
+            return i, job.rate  # nothing to predict with yet: the deadline is only enforced by the clock
+        size = self.max_batch
+        first = i - i % size  # where the job's chunk starts
+        start = max(now, busy_until)
+        for a in range(0, first, size):
+            start += self.batch_seconds([j.rate for j in queue[a : a + size]])
+        mates = [j.rate for j in queue[first:i]] + [j.rate for j in queue[i : first + size - 1]]
+
+        def finish(rate: float) -> float:
+            return self._finish(now, start + self.batch_seconds([*mates, rate]))
+
+        rate = job.rate
+        if job.auto:
+            ceiling = self.sustainable(job, now)
+            rate = _highest([r for r in self.grid(job.min_rate) if r <= ceiling], lambda r: finish(r) <= job.due)
+        end = finish(rate)
+        if end > job.deadline:
+            alone = job.min_rate if job.auto else job.rate
+            raise Unreachable(now, end, job.deadline, self._finish(now, now + self.batch_seconds([alone])))
+        return i, rate
+
+    def plan(self, queue: Sequence[Job], now: float, busy_until: float) -> list[float]:
+        """Predicted finish of every job in ``queue`` (run order)."""
+        out: list[float] = []
+        start = max(now, busy_until)
+        for a in range(0, len(queue), self.max_batch):
+            chunk = queue[a : a + self.max_batch]
+            start += self.batch_seconds([j.rate for j in chunk])
+            out += [self._finish(now, start)] * len(chunk)
+        return out
+
+    def slack(self, queue: Sequence[Job], now: float) -> float:
+        """How long the next batch may still wait without breaking a queued job's deadline or target."""
+        if not queue or not self.latency.calibrated:
+            return math.inf
+        return max(min(j.due - f for j, f in zip(queue, self.plan(queue, now, now), strict=True)), 0.0)
+
+    def fit_batch(self, batch: Sequence[Job], now: float) -> tuple[list[Job], list[Job]]:
+        """(jobs to run, jobs to shed) for a batch going now; lowers auto members' ``rate`` when needed."""
+        run, shed = list(batch), []
+        if not self.latency.calibrated:
+            return run, shed
+        while run:
+            deadline = min(j.deadline for j in run)
+            top = max((j.rate for j in run if j.auto), default=1.0)
+            caps = [c for c in self.grid(min((j.min_rate for j in run if j.auto), default=1.0)) if c <= top]
+            cap = _highest(caps, functools.partial(self._capped_fits, run, now, deadline))
+            if self._capped_fits(run, now, deadline, cap):
+                for j in run:
+                    j.rate = _capped(j, cap)
+                return run, shed
+            late_at = self._finish(now, now + self.batch_seconds([_capped(j, cap) for j in run]))
+            victim = max((j for j in run if j.deadline < late_at), key=lambda j: (j.priority, j.rate))
+            run.remove(victim)
+            shed.append(victim)
+        return run, shed
+
+    def info(self, rates: Sequence[float] = (1.0, 0.7, 0.5, 0.25)) -> dict[str, object]:
+        """For ``/models``: the latency model and the predicted time of a full batch at a few keep rates."""
+        predicted = {f"{r:.2f}": round(self.batch_seconds([r] * self.max_batch) * 1e3, 3) for r in rates}
+        return {**self.latency.info(), "max_batch_size": self.max_batch,
+                "predicted_batch_ms": predicted if self.latency.calibrated else None}
+
+    def _capped_fits(self, run: Sequence[Job], now: float, deadline: float, cap: float) -> bool:
+        """Whether ``run`` ends by ``deadline`` with its auto members' rates capped at ``cap``."""
+        return self._finish(now, now + self.batch_seconds([_capped(j, cap) for j in run])) <= deadline
+
+
+def _capped(job: Job, cap: float) -> float:
+    return max(min(job.rate, cap), job.min_rate) if job.auto else job.rate
+
+
+@functools.lru_cache(maxsize=256)
+def rate_grid(min_rate: float, step: float = 0.05) -> tuple[float, ...]:
+    """Keep rates auto chooses from, highest first: 1.0, 1.0 - step, ... down to ``min_rate`` itself."""
+    n = math.floor((1.0 - min_rate) / step + 1e-9)
+    rates = [round(1.0 - i * step, 6) for i in range(n + 1)]
+    if rates[-1] > min_rate + 1e-9:
+        rates.append(min_rate)
+    return tuple(rates)
+
+
+def _highest(grid: Sequence[float], ok: Callable[[float], bool]) -> float:
+    """The first (highest) value of ``grid`` (descending) for which ``ok`` holds, assuming ``ok`` turns
+    true at some point and stays true; the last value when it never holds."""
+    lo, hi = 0, len(grid) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ok(grid[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return grid[lo]

@@ -1,0 +1,184 @@
+"""The scheduler under load, on a deterministic fake clock: a simulated device whose pass time is a known
+line in GMACs (with seeded noise), Poisson arrivals, and the service's own decisions (``Scheduler.place``
+at arrival, ``fit_batch`` when a batch forms, the latency model learning from every simulated pass).
+
+The batch loop here mirrors ``Batcher._form_batches`` with a zero max wait: whenever the device is free and
+the queue is not empty, the first ``max_batch`` jobs (run order) form a batch, which the policy splits
+into passes; every member finishes when the batch ends.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+from service.latency import LatencyModel
+from service.policy import PassCost, plan_passes
+from service.scheduler import PRIORITIES, Job, Scheduler, Unreachable
+
+BATCH = 8
+OVERHEAD, PER_GMAC = 0.004, 0.030  # the simulated device: seconds per pass, seconds per GMAC
+
+
+def gmacs(rate: float) -> float:
+    """Per-image GMACs: a quarter of the model is not pruned (as blocks before the first pruning block)."""
+    return 0.2 + 0.8 * rate
+
+
+FULL_BATCH_S = OVERHEAD + PER_GMAC * BATCH * gmacs(1.0)  # 0.244 s
+CAPACITY = BATCH / FULL_BATCH_S  # requests/s at keep rate 1.0 (~33)
+DEADLINE = 4 * FULL_BATCH_S
+
+
+@dataclass
+class Outcome:
+    arrival: float
+    job: Job
+    finish: float | None = None  # None: refused or shed (answered at once, not run)
+
+    @property
+    def latency(self) -> float:
+        return math.inf if self.finish is None else self.finish - self.arrival
+
+
+@dataclass
+class Run:
+    outcomes: list[Outcome] = field(default_factory=list)
+    latency: LatencyModel | None = None
+
+    def within(self, start: float = 0.0, end: float = math.inf, deadline: float = DEADLINE) -> float:
+        """Fraction of the requests that arrived in [start, end) answered within ``deadline``."""
+        sel = [o for o in self.outcomes if start <= o.arrival < end]
+        return sum(o.latency <= deadline for o in sel) / len(sel)
+
+    def mean_rate(self, start: float, end: float, priority: str | None = None) -> float:
+        sel = [o.job.rate for o in self.outcomes if start <= o.arrival < end and o.finish is not None
+               and (priority is None or PRIORITIES[o.job.priority] == priority)]
+        return sum(sel) / len(sel)
+
+
+def arrivals(phases: list[tuple[float, float]], seed: int = 0) -> list[float]:
+    """Poisson arrival times: ``phases`` of (seconds, requests per second), one after the other."""
+    rng, out, start = random.Random(seed), [], 0.0
+    for seconds, rate in phases:
+        t = start + rng.expovariate(rate)
+        while t < start + seconds:
+            out.append(t)
+            t += rng.expovariate(rate)
+        start += seconds
+    return out
+
+
+def simulate(times: list[float], make_job, *, prior_error: float = 0.7, noise: float = 0.05,
+             refuse: bool = True, seed: int = 1) -> Run:
+    """Serve arrivals at ``times``; ``make_job(i, t)`` builds each request's Job. The latency model starts
+    from a warm-up calibration ``prior_error`` times the device's true speed (it has to learn the rest)."""
+    rng = random.Random(seed)
+    prior = PassCost(OVERHEAD * prior_error, PER_GMAC * prior_error)
+    latency = LatencyModel.from_warmup(prior, gmacs(1.0), BATCH)
+    sched = Scheduler(latency, gmacs, BATCH)
+    run = Run(latency=latency)
+    queue: list[tuple[Job, Outcome]] = []
+    measured: list[tuple[float, float, float]] = []  # (pass end, GMACs, seconds), learnt once the pass ends
+    now, free_at, busy_until, i = 0.0, 0.0, 0.0, 0
+    while i < len(times) or queue:
+        while measured and measured[0][0] <= now:
+            latency.observe(*measured.pop(0)[1:])
+        if queue and free_at <= now:  # the device is free: form a batch (Batcher._take)
+            live = [(j, o) for j, o in queue if j.deadline > now]  # past their deadline: dropped unrun
+            batch, queue = live[:BATCH], live[BATCH:]
+            keep, _shed = sched.fit_batch([j for j, _ in batch], now)
+            rates = [j.rate for j in keep]
+            busy_until = free_at = now + (sched.batch_seconds(rates) if rates else 0.0)
+            end = now
+            for p in plan_passes(rates, gmacs, latency.cost) if rates else []:
+                work = sum(gmacs(rates[k]) for k in p)
+                seconds = (OVERHEAD + PER_GMAC * work) * math.exp(rng.gauss(0.0, noise))
+                end += seconds
+                measured.append((end, work, seconds))
+            free_at = end
+            for j, o in batch:
+                if any(j is k for k in keep):
+                    o.finish = end
+            continue
+        next_free = free_at if queue and free_at > now else math.inf
+        next_arrival = times[i] if i < len(times) else math.inf
+        now = max(now, min(next_free, next_arrival))
+        if i < len(times) and times[i] <= now:  # an arrival (Batcher.submit)
+            job = make_job(i, times[i])
+            outcome = Outcome(times[i], job)
+            run.outcomes.append(outcome)
+            i += 1
+            try:
+                index, job.rate = sched.place(job, [j for j, _ in queue], now, busy_until if free_at > now else now)
+            except Unreachable:
+                if refuse:
+                    continue
+                index = len(queue)
+            queue.insert(index, (job, outcome))
+    return run
+
+
+def auto_job(min_rate: float = 0.25, priority: str = "normal"):
+    return lambda i, t: Job(1.0, t + DEADLINE, PRIORITIES.index(priority), auto=True, min_rate=min_rate,
+                            target=t + DEADLINE)
+
+
+def fixed_job(rate: float = 1.0, deadline: float = DEADLINE):
+    return lambda i, t: Job(rate, t + deadline, min_rate=rate)
+
+
+OVERLOAD = [(30.0, 2 * CAPACITY), (10.0, 0.3 * CAPACITY)]  # 2x the full model's capacity, then light load
+
+
+def test_auto_meets_the_deadline_where_fixed_full_rate_cannot() -> None:
+    times = arrivals(OVERLOAD)
+    auto = simulate(times, auto_job())
+    fixed = simulate(times, fixed_job())  # refused at once when it would be late
+    queued = simulate(times, fixed_job(deadline=math.inf), refuse=False)  # no deadline: plain queueing
+    # under 2x the full model's capacity, auto answers >= 99 % within 4x a full batch's time ...
+    assert auto.within(0, 30) >= 0.99
+    assert auto.mean_rate(5, 30) < 0.5  # ... by running at lower keep rates
+    # ... where keep rate 1.0 can answer at most its capacity (~half) in time: the rest is refused at once,
+    # and what it does run finishes in time; without deadlines the queue grows and nearly everything is late
+    assert fixed.within(0, 30) < 0.6
+    served = [o for o in fixed.outcomes if o.finish is not None]
+    assert sum(o.latency <= DEADLINE for o in served) / len(served) >= 0.99
+    assert queued.within(0, 30) < 0.2
+    # when the load falls, the chosen keep rates rise again
+    assert auto.mean_rate(35, 40) >= 0.95
+    assert auto.within(30, 40) == 1.0
+
+
+def test_latency_model_learns_the_device() -> None:
+    run = simulate(arrivals(OVERLOAD[:1]), auto_job(), prior_error=0.5)  # calibrated 2x too fast
+    cost = run.latency.cost
+    for work in (BATCH * gmacs(1.0), BATCH * gmacs(0.25)):
+        truth = OVERHEAD + PER_GMAC * work
+        assert abs(cost.seconds(work) - truth) / truth < 0.05
+    assert run.latency.error < 0.1  # noise is 5 %: the margin narrows again
+    assert run.within() >= 0.99  # even with the bad start
+
+
+def test_priorities_degrade_and_shed_low_first() -> None:
+    times = arrivals([(20.0, 2.5 * CAPACITY)], seed=3)
+    rng = random.Random(4)
+    classes = ["high" if rng.random() < 0.3 else "low" for _ in times]
+    run = simulate(times, lambda i, t: auto_job(min_rate=0.3, priority=classes[i])(i, t))
+    high = Run([o for o in run.outcomes if PRIORITIES[o.job.priority] == "high"])
+    low = Run([o for o in run.outcomes if PRIORITIES[o.job.priority] == "low"])
+    assert high.within() >= 0.99
+    assert low.within() < high.within()  # 2.5x is more than min_keep_rate 0.3 can absorb: low is shed
+    assert run.mean_rate(2, 20, "high") > run.mean_rate(2, 20, "low") + 0.1  # and low is degraded first
+
+
+def test_min_keep_rate_is_respected_and_refusal_follows() -> None:
+    times = arrivals([(10.0, 2 * CAPACITY)], seed=5)
+    run = simulate(times, auto_job(min_rate=0.8))  # may not drop below 0.8: cannot absorb 2x
+    rates = [o.job.rate for o in run.outcomes if o.finish is not None]
+    assert min(rates) >= 0.8
+    refused = sum(o.finish is None for o in run.outcomes) / len(run.outcomes)
+    assert refused > 0.2
+    served = [o for o in run.outcomes if o.finish is not None]
+    assert sum(o.latency <= DEADLINE for o in served) / len(served) >= 0.99
