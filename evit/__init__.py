@@ -4,11 +4,15 @@ from evit.cost import Cost
 from evit.loading import WeightsError
 from evit.model import create_model, data_config
 from evit.patch import EViTConfig, EViTOutput, apply_patch, default_prune_blocks
+from evit.schedule import ACCURATE, Plan, Schedule
 
 __all__ = [
+    "ACCURATE",
     "Cost",
     "EViTConfig",
     "EViTOutput",
+    "Plan",
+    "Schedule",
     "WeightsError",
     "apply_patch",
     "create_model",

@@ -4,10 +4,14 @@ GMACs follow the paper's "GFLOPs" convention (multiply-accumulates of the matmul
 convolution; norms, softmax and activations are not counted): DeiT-S is 4.6 at keep 1.0. Every matmul the
 forward runs is counted, including the class-attention row and the fusion sum at pruning blocks, so
 ``2 * gmacs`` equals what ``torch.utils.flop_counter.FlopCounterMode`` counts for the same forward.
+With a schedule (``evit.schedule``) each block has its own keep rate; with cumulative ranking the class
+row is also computed at every block up to the last one that prunes. Proportional attention's additive
+mask and the normalised fusion weights are elementwise and cost no MACs in this convention.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -42,6 +46,47 @@ def _patch_embed_macs(model: nn.Module) -> int:
     return model.patch_embed.num_patches * _linear_macs(proj)
 
 
+@dataclass(frozen=True)
+class CostSpec:
+    """The sizes a forward's cost depends on, read from a model once (hashable: schedules cache on it)."""
+
+    num_patches: int
+    num_prefix_tokens: int
+    embed_dim: int
+    blocks: tuple[tuple[int, int, int], ...]  # per block: attention MACs per token, attention width, MLP MACs
+    fixed_macs: int  # patch embedding and heads
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> CostSpec:
+        blocks = []
+        for blk in model.blocks:
+            attn = blk.attn
+            per_token = _linear_macs(attn.qkv) + _linear_macs(attn.proj) + _linear_macs(getattr(attn, "gate", None))
+            blocks.append((per_token, attn.num_heads * attn.head_dim, _linear_macs(blk.mlp)))
+        heads = sum(_linear_macs(getattr(model, h, None)) for h in ("head", "head_dist"))
+        return cls(
+            model.patch_embed.num_patches, model.num_prefix_tokens, model.embed_dim, tuple(blocks),
+            _patch_embed_macs(model) + heads,
+        )
+
+
+def rate_tokens(
+    num_patches: int, num_prefix_tokens: int, rates: Sequence[float], fuse: bool
+) -> list[tuple[int, int, bool]]:
+    """Per block, given its keep rate (1.0: no pruning): (tokens into attention, tokens into the MLP,
+    whether it pruned), prefix tokens included."""
+    P, n = num_prefix_tokens, num_patches
+    out = []
+    for rate in rates:
+        n_in, k = n, n
+        if rate < 1.0:
+            k = keep_count(rate, n)
+            if k < n:
+                n = k + (1 if fuse else 0)
+        out.append((P + n_in, P + n, k < n_in))
+    return out
+
+
 def block_tokens(
     depth: int,
     num_patches: int,
@@ -51,34 +96,34 @@ def block_tokens(
     fuse: bool,
 ) -> list[tuple[int, int, bool]]:
     """Per block: (tokens into attention, tokens into the MLP, whether it pruned), prefix tokens included."""
-    P, n = num_prefix_tokens, num_patches
-    out = []
-    for i in range(depth):
-        n_in, k = n, n
-        if i in prune_blocks:
-            k = keep_count(keep_rate, n)
-            if k < n:
-                n = k + (1 if fuse else 0)
-        out.append((P + n_in, P + n, k < n_in))
-    return out
+    rates = [keep_rate if i in prune_blocks else 1.0 for i in range(depth)]
+    return rate_tokens(num_patches, num_prefix_tokens, rates, fuse)
+
+
+def spec_cost(
+    spec: CostSpec, keep_rate: float, rates: Sequence[float], fuse: bool, cumulative: bool = False
+) -> Cost:
+    """Tokens per block and GMACs per image for one keep rate per block (``rates``).
+
+    ``cumulative``: the class-attention row is computed at every block up to the last that prunes.
+    """
+    P = spec.num_prefix_tokens
+    schedule = rate_tokens(spec.num_patches, P, rates, fuse)
+    last = max((i for i, (_, _, pruned) in enumerate(schedule) if pruned), default=-1)
+    macs = spec.fixed_macs
+    for i, ((per_token, width, mlp), (n_attn, n_mlp, pruned)) in enumerate(zip(spec.blocks, schedule, strict=True)):
+        macs += n_attn * per_token + 2 * n_attn * n_attn * width  # projections; q @ k^T and attn @ v
+        if pruned or (cumulative and i <= last):
+            macs += n_attn * width  # the class-attention row
+        if pruned and fuse:
+            macs += (n_attn - P) * spec.embed_dim  # the attention-weighted fusion sum
+        macs += n_mlp * mlp
+    return Cost(keep_rate=keep_rate, tokens=tuple(t for t, _, _ in schedule), gmacs=macs / 1e9)
 
 
 def model_cost(model: nn.Module, keep_rate: float) -> Cost:
     """Tokens per block and GMACs per image of ``model`` (an EViT-patched timm ViT) at ``keep_rate``."""
     cfg = model.evit_cfg
-    P = model.num_prefix_tokens
-    depth = len(model.blocks)
-    schedule = block_tokens(depth, model.patch_embed.num_patches, P, cfg.prune_blocks, keep_rate, cfg.fuse)
-    macs = _patch_embed_macs(model)
-    for blk, (n_attn, n_mlp, pruned) in zip(model.blocks, schedule, strict=True):
-        attn = blk.attn
-        width = attn.num_heads * attn.head_dim
-        per_token = _linear_macs(attn.qkv) + _linear_macs(attn.proj) + _linear_macs(getattr(attn, "gate", None))
-        macs += n_attn * per_token + 2 * n_attn * n_attn * width  # projections; q @ k^T and attn @ v
-        if pruned:
-            macs += n_attn * width  # the class-attention row
-            if cfg.fuse:
-                macs += (n_attn - P) * model.embed_dim  # the attention-weighted fusion sum
-        macs += n_mlp * _linear_macs(blk.mlp)
-    macs += sum(_linear_macs(getattr(model, h, None)) for h in ("head", "head_dist"))
-    return Cost(keep_rate=keep_rate, tokens=tuple(t for t, _, _ in schedule), gmacs=macs / 1e9)
+    return spec_cost(
+        CostSpec.from_model(model), keep_rate, model.block_rates(keep_rate), cfg.fuse, cfg.ranking == "cumulative"
+    )

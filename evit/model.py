@@ -11,6 +11,7 @@ from torch import nn
 
 from evit.loading import build_pretrained, load_checkpoint
 from evit.patch import apply_patch
+from evit.schedule import Schedule
 
 
 def create_model(
@@ -20,6 +21,10 @@ def create_model(
     prune_blocks: Sequence[int] | None = None,
     fuse: bool = True,
     keep_rate: float = 1.0,
+    schedule: str | Schedule = "paper",
+    fuse_weight: str = "attention",
+    size_attn: bool = False,
+    ranking: str = "block",
     **timm_kwargs: Any,
 ) -> nn.Module:
     """A timm ViT (``name`` is a timm architecture) with EViT token reorganization.
@@ -28,6 +33,9 @@ def create_model(
     weights if ``pretrained``, else random initialisation. ``prune_blocks`` are 0-based block indices
     (default: the paper's 1/4, 2/4, 3/4 of the depth - DeiT-S: 3, 6, 9); ``fuse=False`` drops inattentive
     tokens instead of fusing them; ``keep_rate`` is the default for calls that give none.
+    Training-free options (defaults: the paper's rule; measured in docs/accuracy.md): ``schedule`` ("paper",
+    "every" or a ``Schedule``), ``fuse_weight`` ("attention" or "mean"), ``size_attn``, ``ranking``
+    ("block" or "cumulative"). ``evit.ACCURATE`` holds the measured best off-the-shelf combination.
     """
     if checkpoint_path is not None:
         model = timm.create_model(name, pretrained=False, **timm_kwargs)
@@ -36,7 +44,8 @@ def create_model(
         model = build_pretrained(name, **timm_kwargs)
     else:
         model = timm.create_model(name, pretrained=False, **timm_kwargs)
-    return apply_patch(model, prune_blocks=prune_blocks, fuse=fuse, keep_rate=keep_rate)
+    options = dict(schedule=schedule, fuse_weight=fuse_weight, size_attn=size_attn, ranking=ranking)
+    return apply_patch(model, prune_blocks=prune_blocks, fuse=fuse, keep_rate=keep_rate, **options)
 
 
 def data_config(model: nn.Module) -> dict[str, Any]:

@@ -4,6 +4,12 @@ At a pruning block the class token's attention to the other tokens (softmax over
 heads) ranks the non-prefix tokens; the top ``ceil(keep_rate * n)`` stay and the rest are fused into one
 extra token, their sum weighted by that same (unnormalised) attention, as in the official EViT code.
 
+Training-free options (the paper's rule is the default of each): the fused token as the attention-weighted
+*mean* instead of the sum; *proportional attention* (a token stands for ``size`` patches and gets
+``log(size)`` added to its attention logit, as ToMe does); ranking by class attention *accumulated* over the
+blocks so far instead of the pruning block's alone. Per-token state that follows the tokens through a
+reorganization (original patch ids, sizes, accumulated scores) travels in a ``Side``.
+
 Samples with different keep rates end up with different token counts. They are kept *packed*: samples
 are ordered by keep rate, and samples with the same token count form a contiguous group, so a packed
 ``T, C`` tensor holds every real token once (no padding) and each group is a free ``Bg, Ng, C`` view of it.
@@ -21,16 +27,21 @@ import torch.nn.functional as F
 
 __all__ = [
     "Group",
+    "Side",
     "class_attention",
     "fuse_weights",
     "keep_count",
     "merge_adjacent",
     "plan_groups",
     "prunes",
+    "reorganize",
     "reorganize_group",
+    "size_bias",
     "split_group",
     "stage_counts",
 ]
+
+StageRates = dict[float, float] | None  # requested keep rate -> this block's keep rate (None: the same)
 
 
 def keep_count(keep_rate: float, n: int) -> int:
@@ -70,16 +81,20 @@ def plan_groups(rate_counts: Sequence[tuple[float, int]], num_tokens: int) -> li
     return [Group(0, sum(c for _, c in rate_counts), num_tokens, tuple(rate_counts))]
 
 
-def split_group(group: Group, num_prefix_tokens: int, fuse: bool) -> list[tuple[Group, int]]:
+def split_group(
+    group: Group, num_prefix_tokens: int, fuse: bool, stage: StageRates = None
+) -> list[tuple[Group, int]]:
     """The subgroups one group splits into at a pruning stage, each with its keep count ``k``.
 
-    Keep counts are monotone in the keep rate, so samples with equal counts are contiguous.
+    ``stage`` maps a sample's requested keep rate to this block's rate (a schedule); by default they are
+    equal. Keep counts are monotone in the keep rate, so samples with equal counts are contiguous (with a
+    non-monotone schedule equal counts may form separate subgroups, which is still correct).
     """
     n = group.tokens - num_prefix_tokens
     subs: list[tuple[Group, int]] = []
     start = group.start
     for rate, count in group.rates:
-        k = keep_count(rate, n)
+        k = keep_count(rate if stage is None else stage[rate], n)
         if subs and subs[-1][1] == k:
             last = subs[-1][0]
             subs[-1] = (Group(last.start, last.size + count, last.tokens, (*last.rates, (rate, count))), k)
@@ -90,10 +105,10 @@ def split_group(group: Group, num_prefix_tokens: int, fuse: bool) -> list[tuple[
     return subs
 
 
-def prunes(group: Group, num_prefix_tokens: int) -> bool:
+def prunes(group: Group, num_prefix_tokens: int, stage: StageRates = None) -> bool:
     """Whether any sample of the group drops tokens at a pruning stage (keep rate 1 changes nothing)."""
     n = group.tokens - num_prefix_tokens
-    return any(keep_count(rate, n) < n for rate, _ in group.rates)
+    return any(keep_count(rate if stage is None else stage[rate], n) < n for rate, _ in group.rates)
 
 
 def merge_adjacent(groups: Sequence[Group]) -> list[Group]:
@@ -108,23 +123,118 @@ def merge_adjacent(groups: Sequence[Group]) -> list[Group]:
     return merged
 
 
-def class_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+def class_attention(
+    q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """The class token's attention to every token, averaged over heads, from ``q_cls`` and ``K`` only.
 
-    q: B, H, N, D (only row 0 is used); k: B, H, N, D. Returns B, N (softmax over all N keys), in float32.
+    q: B, H, N, D (only row 0 is used); k: B, H, N, D; bias: None or B, 1, 1, N added to the logits (the
+    same additive mask the full attention gets). Returns B, N (softmax over all N keys), in float32.
     Never builds the N x N matrix: one B, H, 1, N row.
     """
     q_cls = q[:, :, :1].float() * scale  # B, H, 1, D
     logits = q_cls @ k.float().transpose(-2, -1)  # B, H, 1, N
+    if bias is not None:
+        logits = logits + bias.float()
     return logits.softmax(dim=-1).mean(dim=1).squeeze(1)  # B, N
 
 
-def fuse_weights(cls_attn: torch.Tensor, top_idx: torch.Tensor) -> torch.Tensor:
+def size_bias(sizes: torch.Tensor | None, num_prefix_tokens: int) -> torch.Tensor | None:
+    """Proportional attention's additive key mask: ``log(size)`` per key, 0 for prefix tokens.
+
+    sizes: None (every token is one patch: no mask) or B, n patches each non-prefix token stands for.
+    Returns B, 1, 1, P + n (float32).
+    """
+    if sizes is None:
+        return None
+    return F.pad(sizes.float().log(), (num_prefix_tokens, 0))[:, None, None, :]
+
+
+def fuse_weights(cls_attn: torch.Tensor, top_idx: torch.Tensor, normalize: bool = False) -> torch.Tensor:
     """Fusion weights: the class attention of every token that is *not* kept, zero for kept ones.
 
-    cls_attn: B, n; top_idx: B, k (indices of kept tokens). Returns B, n.
+    cls_attn: B, n; top_idx: B, k (indices of kept tokens). Returns B, n: the raw attention (the official
+    code's sum) or, with ``normalize``, divided by its sum (the fused token is their weighted mean).
     """
-    return cls_attn.scatter(1, top_idx, 0.0)
+    w = cls_attn.scatter(1, top_idx, 0.0)
+    if normalize:
+        w = w / w.sum(dim=1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+    return w
+
+
+@dataclass
+class Side:
+    """Per-token state that follows the non-prefix tokens of a group through reorganizations (each B, n)."""
+
+    ids: torch.Tensor | None = None  # original patch index, -1 for a fused token (visualization)
+    sizes: torch.Tensor | None = None  # patches each token stands for (proportional attention); None: all 1
+    scores: torch.Tensor | None = None  # accumulated class attention (cumulative ranking)
+
+    def rows(self, rows: slice) -> Side:
+        return Side(*(None if t is None else t[rows] for t in (self.ids, self.sizes, self.scores)))
+
+    def select(self, idx: torch.Tensor, fuse: bool) -> Side:
+        """The state of the kept tokens (``idx``: b, k) plus, with ``fuse``, the fused token's: id -1, the
+        summed sizes and summed scores of the tokens it replaces."""
+
+        def one(t: torch.Tensor | None, fused_value: torch.Tensor | float | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            kept = t.gather(1, idx)  # b, k
+            if not fuse:
+                return kept
+            if fused_value is None:  # the sum of what is not kept
+                fused_value = t.scatter(1, idx, 0).sum(dim=1, keepdim=True)
+                return torch.cat([kept, fused_value], dim=1)
+            return F.pad(kept, (0, 1), value=fused_value)
+
+        return Side(one(self.ids, -1), one(self.sizes, None), one(self.scores, None))
+
+
+def reorganize(
+    x: torch.Tensor,
+    cls_attn: torch.Tensor,
+    subgroups: Sequence[tuple[int, int, int]],
+    num_prefix_tokens: int,
+    fuse: bool,
+    side: Side | None = None,
+    score: torch.Tensor | None = None,
+    normalize: bool = False,
+) -> tuple[list[torch.Tensor], list[Side]]:
+    """Keep the highest-scoring tokens of each sample and fuse the rest into one token.
+
+    x: B, N, C tokens of one group (prefix tokens first); cls_attn: B, N - P class attention to the
+    non-prefix tokens (the fusion weights); score: B, N - P ranking (default: ``cls_attn``); subgroups:
+    ``(start, size, k)`` runs of samples with ``k`` tokens to keep (ascending ``k``); side: the tokens'
+    per-token state; normalize: fuse into the weighted mean instead of the weighted sum. Returns, per
+    subgroup, its new tokens ``size, P + k (+1), C`` and their state.
+    """
+    P = num_prefix_tokens
+    side = side or Side()
+    n = x.shape[1] - P
+    k_max = max(k for _, _, k in subgroups)
+    if k_max >= n and len(subgroups) == 1:  # nothing to prune in this group
+        return [x], [side]
+    tokens = x[:, P:]  # B, n, C
+    rank = cls_attn if score is None else score
+    top_idx = rank.topk(k_max, dim=1, largest=True, sorted=True).indices  # B, k_max
+    out_x: list[torch.Tensor] = []
+    out_side: list[Side] = []
+    for start, size, k in subgroups:
+        rows = slice(start, start + size)
+        if k >= n:  # keep rate 1 (or rounding): unchanged
+            out_x.append(x[rows])
+            out_side.append(side.rows(rows))
+            continue
+        idx = top_idx[rows, :k]  # b, k
+        kept = tokens[rows].gather(1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))  # b, k, C
+        parts = [x[rows, :P], kept]
+        if fuse:
+            w = fuse_weights(cls_attn[rows], idx, normalize).to(tokens.dtype)  # b, n
+            parts.append(torch.bmm(w.unsqueeze(1), tokens[rows]))  # b, 1, C
+        out_x.append(torch.cat(parts, dim=1))
+        out_side.append(side.rows(rows).select(idx, fuse))
+    return out_x, out_side
 
 
 def reorganize_group(
@@ -135,37 +245,10 @@ def reorganize_group(
     fuse: bool,
     patch_ids: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-    """Keep the most attended tokens of each sample and fuse the rest into one token.
+    """The paper's rule: ``reorganize`` with the class attention as ranking and unnormalised fusion weights.
 
-    x: B, N, C tokens of one group (prefix tokens first); cls_attn: B, N - P class attention to the
-    non-prefix tokens; subgroups: ``(start, size, k)`` runs of samples with ``k`` tokens to keep
-    (ascending ``k``). patch_ids: B, N - P original patch index of each token (-1 for fused ones), tracked
-    for visualization. Returns, per subgroup, its new tokens ``size, P + k (+1), C`` and its patch ids.
+    patch_ids: B, N - P original patch index of each token (-1 for fused ones). Returns, per subgroup,
+    its new tokens and its patch ids.
     """
-    P = num_prefix_tokens
-    n = x.shape[1] - P
-    k_max = max(k for _, _, k in subgroups)
-    if k_max >= n and len(subgroups) == 1:  # nothing to prune in this group
-        return [x], [patch_ids]
-    tokens = x[:, P:]  # B, n, C
-    top_idx = cls_attn.topk(k_max, dim=1, largest=True, sorted=True).indices  # B, k_max
-    out_x: list[torch.Tensor] = []
-    out_ids: list[torch.Tensor | None] = []
-    for start, size, k in subgroups:
-        rows = slice(start, start + size)
-        if k >= n:  # keep rate 1 (or rounding): unchanged
-            out_x.append(x[rows])
-            out_ids.append(None if patch_ids is None else patch_ids[rows])
-            continue
-        idx = top_idx[rows, :k]  # b, k
-        kept = tokens[rows].gather(1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))  # b, k, C
-        parts = [x[rows, :P], kept]
-        ids = None if patch_ids is None else patch_ids[rows].gather(1, idx)
-        if fuse:
-            w = fuse_weights(cls_attn[rows], idx).to(tokens.dtype)  # b, n
-            parts.append(torch.bmm(w.unsqueeze(1), tokens[rows]))  # b, 1, C
-            if ids is not None:
-                ids = F.pad(ids, (0, 1), value=-1)
-        out_x.append(torch.cat(parts, dim=1))
-        out_ids.append(ids)
-    return out_x, out_ids
+    xs, sides = reorganize(x, cls_attn, subgroups, num_prefix_tokens, fuse, Side(ids=patch_ids))
+    return xs, [s.ids for s in sides]
