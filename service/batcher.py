@@ -123,7 +123,7 @@ class Batcher:
         """Queue ``sample`` in run order; ``job`` (default: a fixed-rate normal-priority one) is placed by
         the scheduler, which sets its keep rate (``auto``) or refuses it (deadline unreachable)."""
         q = ticket.queue
-        job = job or Job(sample.keep_rate, deadline)
+        job = job or Job(sample.keep_rate, deadline, arrival=time.monotonic())
         job.deadline = min(job.deadline, deadline)
         index, job.rate = self._place(q, job)
         sample = replace(sample, keep_rate=job.rate)

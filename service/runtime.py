@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import re
 import time
@@ -161,9 +162,12 @@ class Service:
         deadline = started + s.request_timeout_s
         if ask.deadline_ms is not None:
             deadline = min(deadline, started + ask.deadline_ms / 1e3)
-        target = deadline if ask.deadline_ms is not None else started + s.latency_target_ms / 1e3
+        target = math.inf  # fixed keep rates have no target: only a deadline
+        if ask.auto:
+            target = deadline if ask.deadline_ms is not None else started + s.latency_target_ms / 1e3
         floor = ask.min_keep_rate or s.auto_min_keep_rate
-        return Job(rate, deadline, PRIORITIES.index(ask.priority), ask.auto, floor if ask.auto else rate, target)
+        return Job(rate, deadline, PRIORITIES.index(ask.priority), ask.auto, floor if ask.auto else rate, target,
+                   started)
 
     async def _wait(self, receive: Receive, item: Pending) -> SampleResult:
         watcher = asyncio.ensure_future(_client_gone(receive))

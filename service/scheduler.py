@@ -17,8 +17,9 @@ A job's predicted finish is the end of its chunk, the span from now multiplied b
 - Forming a batch: its predicted end must be within every member's deadline. If not, the auto members
   are lowered (the highest common cap on their rates that fits); if even their minimum rates do not fit,
   the late member of the lowest priority is shed and the rest tried again.
-- Waiting for a fuller batch: the batcher's max wait is cut to the least slack in the queue (a job's
-  deadline, or auto's target, minus its predicted finish if the batch went now).
+- Waiting for a fuller batch: the batcher's max wait is cut so that no queued job spends more than half
+  of its slack (from its arrival to the latest start that still meets its deadline, or auto's target)
+  waiting for company; the other half absorbs what the prediction misses.
 
 Low-priority work is thus degraded and shed first: it plans behind the rest (lower auto rates, refused
 first), high-priority arrivals overtake it, and it is the first shed from a batch that does not fit.
@@ -41,6 +42,7 @@ from service.policy import plan_passes
 PRIORITIES = ("high", "normal", "low")  # run order; a job's ``priority`` is its index here
 NORMAL = PRIORITIES.index("normal")
 UTILIZATION = 0.9  # auto keeps the device at most this busy with the recent arrivals
+WAIT_SHARE = 0.5  # a job waits for a fuller batch at most this share of its slack
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class Job:
     auto: bool = False
     min_rate: float = 1.0  # auto: the lowest keep rate it accepts
     target: float = math.inf  # auto: finish by then if any rate allows (the latency target)
+    arrival: float = 0.0  # when the request arrived
 
     @property
     def due(self) -> float:
@@ -196,10 +199,14 @@ class Scheduler:
         return out
 
     def slack(self, queue: Sequence[Job], now: float) -> float:
-        """How long the next batch may still wait without breaking a queued job's deadline or target."""
+        """How long the next batch may still wait for company: until some queued job has spent half of
+        its slack (arrival to the latest start that meets its deadline or target, if the batch went now)."""
         if not queue or not self.latency.calibrated:
             return math.inf
-        return max(min(j.due - f for j, f in zip(queue, self.plan(queue, now, now), strict=True)), 0.0)
+        finishes = self.plan(queue, now, now)
+        waits = (j.arrival + WAIT_SHARE * (j.due - (f - now) - j.arrival) - now for j, f in zip(queue, finishes,
+                                                                                                 strict=True))
+        return max(min(waits), 0.0)
 
     def fit_batch(self, batch: Sequence[Job], now: float) -> tuple[list[Job], list[Job]]:
         """(jobs to run, jobs to shed) for a batch going now; lowers auto members' ``rate`` when needed."""
