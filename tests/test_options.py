@@ -1,0 +1,128 @@
+"""Training-free options: their math on small hand-checked tensors, and the guarantees every option keeps
+(keep 1.0 equals timm, mixed-rate batches equal solo runs, the cost model equals FlopCounterMode)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _tiny import images, tiny_pair
+from test_cost import counted_gmacs
+
+import evit
+from evit.reorganize import Side, class_attention, fuse_weights, reorganize, size_bias
+
+X = torch.tensor([[[100.0], [1.0], [2.0], [3.0], [4.0]]])  # B=1, one prefix token, 4 tokens, C=1
+ATTN = torch.tensor([[0.1, 0.4, 0.2, 0.3]])  # class attention to the 4 tokens: keep tokens 2 and 4
+
+
+def test_mean_fusion_by_hand():
+    w = fuse_weights(ATTN, torch.tensor([[1, 3]]), normalize=True)
+    assert w[0].tolist() == pytest.approx([1 / 3, 0.0, 2 / 3, 0.0])
+    (out,), _ = reorganize(X, ATTN, [(0, 1, 2)], 1, True, normalize=True)
+    assert out[0, :, 0].tolist() == pytest.approx([100.0, 2.0, 4.0, (0.1 * 1 + 0.2 * 3) / 0.3])
+
+
+def test_sizes_and_scores_follow_the_tokens():
+    side = Side(ids=torch.tensor([[0, 1, 2, -1]]), sizes=torch.tensor([[1.0, 2.0, 1.0, 5.0]]),
+                scores=torch.tensor([[0.5, 0.1, 0.9, 0.2]]))
+    # rank by the accumulated scores (keep tokens 3 and 1), fuse with this block's attention
+    (out,), (new,) = reorganize(X, ATTN, [(0, 1, 2)], 1, True, side, score=side.scores)
+    assert out[0, :, 0].tolist() == pytest.approx([100.0, 3.0, 1.0, 0.4 * 2 + 0.3 * 4])
+    assert new.ids.tolist() == [[2, 0, -1]]
+    assert new.sizes.tolist() == [[1.0, 1.0, 2.0 + 5.0]]  # the fused token stands for every patch it took in
+    assert new.scores[0].tolist() == pytest.approx([0.9, 0.5, 0.1 + 0.2])
+    _, (dropped,) = reorganize(X, ATTN, [(0, 1, 2)], 1, False, side, score=side.scores)
+    assert dropped.sizes.tolist() == [[1.0, 1.0]] and dropped.ids.tolist() == [[2, 0]]
+
+
+def test_size_bias_and_proportional_class_attention():
+    assert size_bias(None, 1) is None
+    bias = size_bias(torch.tensor([[1.0, 2.0, 4.0]]), num_prefix_tokens=1)
+    assert bias.shape == (1, 1, 1, 4) and bias.flatten().tolist() == pytest.approx([0, 0, math.log(2), math.log(4)])
+    # identical keys: attention is proportional to the patches each token stands for
+    q, k = torch.zeros(1, 2, 4, 3), torch.ones(1, 2, 4, 3)
+    assert class_attention(q, k, 0.5, bias)[0].tolist() == pytest.approx([1 / 8, 1 / 8, 2 / 8, 4 / 8])
+
+
+def test_proportional_attention_equals_the_duplicated_tokens():
+    """A token of size s attends and is attended like s identical copies of it (ToMe's property)."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 1, 2, 4, 8).unbind(0)  # B=1, H=2, N=4, D=8
+    sizes = torch.tensor([[1.0, 3.0, 2.0]])  # tokens 1..3 stand for 1, 3, 2 patches; token 0 is the prefix
+    reps = torch.tensor([1, 1, 3, 2])
+    dup_k, dup_v = k.repeat_interleave(reps, dim=2), v.repeat_interleave(reps, dim=2)
+    expected = F.scaled_dot_product_attention(q, dup_k, dup_v)
+    got = F.scaled_dot_product_attention(q, k, v, attn_mask=size_bias(sizes, 1))
+    assert torch.allclose(got, expected, atol=1e-6)
+    dup = class_attention(q, dup_k, 8**-0.5)[0]  # the class row over the 7 duplicated keys
+    summed = torch.stack([dup[0], dup[1], dup[2:5].sum(), dup[5:7].sum()])
+    assert torch.allclose(class_attention(q, k, 8**-0.5, size_bias(sizes, 1))[0], summed, atol=1e-6)
+
+
+OPTIONS = {
+    "mean": dict(fuse_weight="mean"),
+    "size_attn": dict(fuse_weight="mean", size_attn=True),
+    "size_attn_sum": dict(size_attn=True),
+    "cumulative": dict(ranking="cumulative"),
+    "every": dict(schedule="every"),
+    "accurate": dict(evit.ACCURATE),
+    "every_cumulative_size": dict(schedule="every", ranking="cumulative", size_attn=True, fuse_weight="mean"),
+    "drop_size": dict(fuse=False, size_attn=True, ranking="cumulative"),
+}
+
+
+def pair(kind: str = "vit", **options):
+    """(plain timm, EViT with ``options``) tiny 8-block models: paper blocks (2, 4, 6), "every" 1..7."""
+    ref, model = tiny_pair(kind, depth=8)
+    return ref, evit.apply_patch(model, **options)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+@pytest.mark.parametrize("kind", ["vit", "registers"])
+def test_option_keeps_the_guarantees(name, kind):
+    ref, model = pair(kind, **OPTIONS[name])
+    x = images(5)
+    rates = [0.5, 1.0, 0.7, 0.3, 0.5]
+    with torch.inference_mode():
+        assert torch.allclose(model(x, keep_rate=1.0), ref(x), atol=1e-5)
+        mixed = model.forward_with_info(x, keep_rate=torch.tensor(rates), return_kept=True)
+        assert len(mixed.kept) == len(model.evit_cfg.prune_blocks)
+        for i, r in enumerate(rates):
+            solo = model.forward_with_info(x[i : i + 1], keep_rate=r, return_kept=True)
+            assert torch.allclose(mixed.logits[i], solo.logits[0], atol=1e-4), (i, r)
+            assert mixed.tokens[i] == solo.tokens[0] == model.cost(r).total_tokens
+            assert all(torch.equal(m[i], s[0]) for m, s in zip(mixed.kept, solo.kept, strict=True))
+        _, paper = pair(kind)
+        assert not torch.allclose(model(x, keep_rate=0.5), paper(x, keep_rate=0.5), atol=1e-4)  # it does something
+
+
+@pytest.mark.parametrize("name", sorted(OPTIONS))
+@pytest.mark.parametrize("keep_rate", [0.9, 0.5, 0.2])
+def test_option_cost_matches_flop_counter(name, keep_rate):
+    _, model = pair("vit", **OPTIONS[name])
+    assert model.cost(keep_rate).gmacs == pytest.approx(counted_gmacs(model, images(2), keep_rate), rel=1e-9)
+
+
+def test_size_attn_fused_and_explicit_attention_agree():
+    _, model = pair("layerscale_qknorm", size_attn=True, fuse_weight="mean")
+    x, rates = images(3), torch.tensor([0.3, 0.6, 1.0])
+    with torch.inference_mode():
+        fused = model(x, rates)
+        for blk in model.blocks:
+            blk.attn.fused_attn = False
+        assert torch.allclose(model(x, rates), fused, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(fuse_weight="median"), "fuse_weight"),
+        (dict(ranking="global"), "ranking"),
+        (dict(schedule="fastest"), "unknown schedule"),
+        (dict(schedule=evit.Schedule(weights=(1.0, 2.0))), "one non-negative number per pruning block"),
+    ],
+)
+def test_bad_options_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        pair("vit", **options)
