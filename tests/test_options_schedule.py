@@ -9,7 +9,6 @@ import evit
 from evit.cost import CostSpec, spec_cost
 from evit.schedule import Schedule, default_prune_blocks, preset
 
-
 _VIT_TINY = evit.create_model("vit_tiny_patch16_224")  # real ViT-Ti sizes, random weights, built once
 
 
