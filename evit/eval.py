@@ -209,7 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     fuse = p.add_mutually_exclusive_group()
     fuse.add_argument("--no-fuse", action="store_true", help="drop inattentive tokens instead of fusing them")
     fuse.add_argument("--fuse-ablation", action="store_true", help="rows with and without fusion")
-    p.add_argument("--prune-blocks", type=_blocks, help="0-based block indices (default: the paper's)")
+    p.add_argument("--prune-blocks", type=_blocks, help="0-based block indices (default: the schedule's)")
+    opts = p.add_argument_group("training-free options (docs/accuracy.md; defaults: the paper's rule)")
+    opts.add_argument("--schedule", default="paper", help="paper | every (the paper's GMACs at each keep rate)")
+    opts.add_argument("--fuse-weight", default="attention", choices=["attention", "mean"])
+    opts.add_argument("--size-attn", action="store_true", help="proportional attention for fused tokens")
+    opts.add_argument("--ranking", default="block", choices=["block", "cumulative"])
     p.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON timm kwargs, e.g. '{\"img_size\": 32}'")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--limit", type=int, help="use only the first N images")
@@ -218,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/eval"))
     p.add_argument("--quiet", action="store_true")
     return p
+
+
+def options(args: argparse.Namespace) -> dict:
+    """The training-free options given on the command line, as ``create_model`` keywords."""
+    return dict(schedule=args.schedule, fuse_weight=args.fuse_weight, size_attn=args.size_attn, ranking=args.ranking)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                 checkpoint_path=args.checkpoint,
                 prune_blocks=args.prune_blocks,
                 fuse=fuse,
+                **options(args),
                 **args.model_kwargs,
             )
             for fuse in fuses
@@ -263,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         "images": str(args.images),
         "num_images": len(items),
         "prune_blocks": list(first.evit_cfg.prune_blocks),
+        "options": options(args),
         "batch_size": args.batch_size,
         "torch_threads": torch.get_num_threads(),
         "decode_seconds": decode_s,

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _tiny import images, tiny_pair
+from _tiny import TINY, images, tiny_pair
 from test_cost import counted_gmacs
 
 import evit
@@ -126,3 +126,16 @@ def test_size_attn_fused_and_explicit_attention_agree():
 def test_bad_options_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         pair("vit", **options)
+
+
+def test_evit_eval_takes_the_options(tmp_path):
+    from test_eval import run_eval, tiny_checkpoint, write_images
+
+    write_images(tmp_path / "data" / "a", 3)
+    write_images(tmp_path / "data" / "b", 3, seed=1)
+    args = ["--keep-rates", "1.0,0.5", "--schedule", "every", "--fuse-weight", "mean", "--ranking", "cumulative"]
+    out = run_eval(tmp_path, tiny_checkpoint(tmp_path, rigged=False), tmp_path / "data", *args)
+    assert out["options"] == {"schedule": "every", "fuse_weight": "mean", "size_attn": False, "ranking": "cumulative"}
+    model = evit.create_model("vit_tiny_patch16_224", **TINY, **out["options"])
+    assert [r["gmacs"] for r in out["rows"]] == [model.cost(1.0).gmacs, model.cost(0.5).gmacs]
+    assert out["prune_blocks"] == [1, 2, 3]
