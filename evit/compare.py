@@ -1,0 +1,185 @@
+"""Training-free options compared at equal cost: top-1 of each variant at the GMACs of the paper's rule.
+
+    python -m evit.compare --model vit_tiny_patch16_224 --checkpoint W.safetensors --images DIR \\
+        --budgets 0.7,0.5 --curve 0.9,0.8,0.7,0.6,0.5,0.4 --cache /tmp/evit-images.pt --out DIR
+
+For each budget keep rate ``r`` the budget is the paper rule's GMACs at ``r``; every variant runs at the
+keep rate its own ``schedule_for_gmacs`` answers for that budget, so rows at one budget cost the same (or
+less). Top-1 is also given on the even- and odd-numbered halves of the images: a difference between two
+variants smaller than the spread between halves is noise. Writes ``compare.json``, ``compare.md`` (the
+table in docs/accuracy.md) and ``compare.png`` (top-1 against GMACs for the ``--curve`` variants).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import evit
+from evit.eval import _keep_rates, evaluate, load_images, load_labels
+
+# name -> create_model options. The paper's rule first; evit.ACCURATE is "every+mean".
+VARIANTS: dict[str, dict] = {
+    "paper": {},
+    "drop": {"fuse": False},
+    "mean": {"fuse_weight": "mean"},
+    "size_attn": {"size_attn": True},
+    "mean+size_attn": {"fuse_weight": "mean", "size_attn": True},
+    "cumulative": {"ranking": "cumulative"},
+    "mean+cumulative": {"fuse_weight": "mean", "ranking": "cumulative"},
+    "every": {"schedule": "every"},
+    "every+drop": {"schedule": "every", "fuse": False},
+    "every+mean": dict(evit.ACCURATE),
+    "every+mean+size_attn": {**evit.ACCURATE, "size_attn": True},
+    "every+mean+cumulative": {**evit.ACCURATE, "ranking": "cumulative"},
+}
+
+
+def cached_images(items: list[tuple[Path, int]], model: nn.Module, cache: Path | None, workers: int) -> torch.Tensor:
+    """Preprocessed images, from ``cache`` when it holds these files preprocessed the same way."""
+    key = {"files": [str(p) for p, _ in items], "config": repr(sorted(evit.data_config(model).items()))}
+    if cache and cache.exists():
+        saved = torch.load(cache, weights_only=False)
+        if saved.get("key") == key:
+            return saved["images"]
+    images = load_images([p for p, _ in items], model, workers)
+    if cache:
+        torch.save({"key": key, "images": images}, cache)
+    return images
+
+
+def run_variant(
+    model: nn.Module, options: dict, budgets: dict[float, float], images: torch.Tensor, labels: torch.Tensor,
+    batch_size: int,
+) -> list[dict]:
+    """One row per budget: ``model`` re-patched with ``options`` at the keep rate that fits the budget."""
+    evit.apply_patch(model, **options)
+    rows = []
+    for budget_rate, gmacs in budgets.items():
+        plan = model.schedule_for_gmacs(gmacs)
+        halves = [evaluate({True: model}, images[i::2], labels[i::2], [plan.keep_rate], batch_size)[0] for i in (0, 1)]
+        n = [h["images"] for h in halves]
+        rows.append({
+            "budget_keep_rate": budget_rate,
+            "budget_gmacs": gmacs,
+            "keep_rate": plan.keep_rate,
+            "stage_rates": list(plan.stage_rates),
+            "gmacs": plan.cost.gmacs,
+            "top1": sum(h["top1"] * k for h, k in zip(halves, n, strict=True)) / sum(n),
+            "top5": sum(h["top5"] * k for h, k in zip(halves, n, strict=True)) / sum(n),
+            "top1_halves": [h["top1"] for h in halves],
+        })
+    return rows
+
+
+def markdown_table(rows: list[dict], full_top1: float) -> str:
+    lines = [
+        "| variant | options | budget: paper at | keep rate asked | GMACs | top-1 | vs full | top-1 even / odd half |",
+        "|:---|:---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        opts = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "(defaults)"
+        a, b = r["top1_halves"]
+        lines.append(
+            f"| {r['variant']} | {opts} | {r['budget_keep_rate']:g} | {r['keep_rate']:g} | {r['gmacs']:.3f} | "
+            f"{100 * r['top1']:.1f}% | {100 * (r['top1'] - full_top1):+.1f} | {100 * a:.1f}% / {100 * b:.1f}% |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def curve_plot(rows: list[dict], full: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        sub = sorted((r for r in rows if r["variant"] == name), key=lambda r: r["gmacs"])
+        ax.plot([r["gmacs"] for r in sub] + [full["gmacs"]], [100 * r["top1"] for r in sub] + [100 * full["top1"]],
+                "o-", label=name)
+    ax.axhline(100 * full["top1"] - 1, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("GMACs per image")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m evit.compare", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--images", type=Path, required=True, help="ImageFolder layout or a folder with labels.tsv")
+    p.add_argument("--budgets", type=_keep_rates, default=[0.7, 0.5], help="paper keep rates naming the budgets")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--curve", type=_keep_rates, help="budgets for the curve plot (of --curve-variants)")
+    p.add_argument("--curve-variants", default="paper,every+mean")
+    p.add_argument("--model-kwargs", type=json.loads, default={})
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--limit", type=int, help="use only the first N images")
+    p.add_argument("--cache", type=Path, help="file for the preprocessed images (reused when it matches)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path("runs/compare"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    names = [n for n in args.variants.split(",") if n]
+    curve_names = [n for n in args.curve_variants.split(",") if n] if args.curve else []
+    unknown = sorted(set(names + curve_names) - set(VARIANTS))
+    if unknown:
+        print(f"evit.compare: unknown variants {unknown}; known: {list(VARIANTS)}", file=sys.stderr)
+        return 2
+    try:
+        items = load_labels(args.images)[: args.limit]
+        model = evit.create_model(args.model, checkpoint_path=args.checkpoint, **args.model_kwargs).eval()
+    except (ValueError, OSError, evit.WeightsError) as exc:
+        print(f"evit.compare: {exc}", file=sys.stderr)
+        return 2
+    labels = torch.tensor([c for _, c in items])
+    images = cached_images(items, model, args.cache, args.workers)
+    paper_cost = {r: model.cost(r).gmacs for r in sorted({*args.budgets, *(args.curve or [])}, reverse=True)}
+    full = evaluate({True: model}, images, labels, [1.0], args.batch_size)[0]
+
+    done: dict[tuple[str, float], dict] = {}
+
+    def rows_for(variant_names: list[str], budgets: list[float]) -> list[dict]:
+        for name in variant_names:
+            todo = {r: paper_cost[r] for r in budgets if (name, r) not in done}
+            for row in run_variant(model, VARIANTS[name], todo, images, labels, args.batch_size) if todo else []:
+                done[name, row["budget_keep_rate"]] = {"variant": name, "options": VARIANTS[name], **row}
+                print(f"{name:>22} @ {row['budget_keep_rate']:g}: top-1 {100 * row['top1']:.1f}% "
+                      f"at {row['gmacs']:.3f} GMACs", flush=True)
+        return [done[name, r] for name in variant_names for r in budgets]
+
+    table_rows = rows_for(names, args.budgets)
+    table_rows.sort(key=lambda r: -r["budget_keep_rate"])
+    curve_rows = rows_for(curve_names, args.curve) if args.curve else []
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = {
+        "tool": "evit.compare", "model": args.model, "weights": str(args.checkpoint), "images": str(args.images),
+        "num_images": len(items), "full": {"top1": full["top1"], "top5": full["top5"], "gmacs": full["gmacs"]},
+        "rows": table_rows, "curve": curve_rows,
+    }
+    (args.out / "compare.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown_table(table_rows, full["top1"])
+    (args.out / "compare.md").write_text(table)
+    if curve_rows:
+        title = f"{args.model}, {len(items)} images: top-1 at the paper rule's GMACs"
+        curve_plot(curve_rows, full, args.out / "compare.png", title)
+    print(f"full model: top-1 {100 * full['top1']:.1f}% at {full['gmacs']:.3f} GMACs\n{table}", end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

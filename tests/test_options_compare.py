@@ -1,0 +1,39 @@
+"""python -m evit.compare: every variant at the paper rule's GMACs, on a tiny model and generated images."""
+
+import json
+
+import pytest
+from _tiny import TINY
+from test_eval import tiny_checkpoint, write_images
+
+import evit
+from evit import compare
+
+
+def test_variants_run_within_the_papers_budget(tmp_path):
+    for c in "abc":
+        write_images(tmp_path / "data" / c, 2, seed=ord(c))
+    out = tmp_path / "out"
+    args = ["--model", "vit_tiny_patch16_224", "--checkpoint", str(tiny_checkpoint(tmp_path, rigged=False)),
+            "--images", str(tmp_path / "data"), "--model-kwargs", json.dumps(TINY), "--budgets", "0.7,0.4",
+            "--variants", "paper,every+mean,mean+cumulative", "--curve", "0.5", "--cache", str(tmp_path / "c.pt"),
+            "--out", str(out)]
+    assert compare.main(args) == 0
+    res = json.loads((out / "compare.json").read_text())
+    paper = evit.create_model("vit_tiny_patch16_224", **TINY)
+    assert [(r["variant"], r["budget_keep_rate"]) for r in res["rows"]] == [
+        (v, b) for b in (0.7, 0.4) for v in ("paper", "every+mean", "mean+cumulative")
+    ]
+    for r in res["rows"]:
+        assert r["gmacs"] <= r["budget_gmacs"] == paper.cost(r["budget_keep_rate"]).gmacs
+        assert r["top1"] == pytest.approx(sum(r["top1_halves"]) / 2)  # 6 images: two halves of 3
+    assert [r["variant"] for r in res["curve"]] == ["paper", "every+mean"]
+    table = (out / "compare.md").read_text()
+    assert table.count("\n") == 2 + 6 and "| every+mean | schedule=every, fuse_weight=mean | 0.7 |" in table
+    assert (out / "compare.png").stat().st_size > 1000 and (tmp_path / "c.pt").exists()
+    assert compare.main(args) == 0  # from the cache
+
+
+def test_unknown_variant_is_refused(tmp_path, capsys):
+    args = ["--model", "m", "--checkpoint", "w", "--images", str(tmp_path), "--variants", "paper,magic"]
+    assert compare.main(args) == 2 and "magic" in capsys.readouterr().err
