@@ -190,6 +190,9 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         docs_url=settings.docs_path or None,
         redoc_url="/redoc" if docs else None,
         openapi_url="/openapi.json" if docs else None,
+        # FastAPI's native OpenTelemetry checks the global providers on every request (a few % of the
+        # event loop at saturation); this service exports Prometheus metrics and JSON logs instead.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.service = service
     install_error_handlers(app)

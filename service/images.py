@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data import create_transform
+from torchvision.transforms import Compose, Normalize
 
 from service.errors import ApiError
 
@@ -36,7 +37,7 @@ class Preprocessor:
 
     def __init__(self, data_config: dict[str, Any], limits: ImageLimits) -> None:
         self.limits = limits
-        self.transform: Callable[[Image.Image], torch.Tensor] = create_transform(**data_config, is_training=False)
+        self.transform = eval_transform(data_config)
         h, w = data_config["input_size"][1:]
         crop_pct = data_config.get("crop_pct") or 1.0
         self.resize_to = int(max(h, w) / crop_pct)  # the shorter side after timm's resize
@@ -50,6 +51,30 @@ class Preprocessor:
         except (OSError, SyntaxError, ValueError, EOFError) as e:  # truncated or corrupt pixel data
             raise ApiError(400, f"the image could not be decoded: {e}", "undecodable_image") from e
         return self.transform(img)
+
+
+def eval_transform(data_config: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:
+    """timm's eval transform, its ToTensor + Normalize tail fused into one pass over the pixels.
+
+    Same values as timm's to float rounding; at saturation the tail was a third of the decode threads' time.
+    Falls back to timm's own transform when it does not end that way.
+    """
+    full = create_transform(**data_config, is_training=False)
+    steps = list(getattr(full, "transforms", []))
+    fusable = len(steps) >= 2 and type(steps[-2]).__name__ in ("MaybeToTensor", "ToTensor")
+    if not (fusable and isinstance(steps[-1], Normalize)):
+        return full
+    resize = Compose(steps[:-2])  # PIL resize and crop
+    mean = torch.as_tensor(steps[-1].mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.as_tensor(steps[-1].std, dtype=torch.float32).view(3, 1, 1)
+    scale, offset = 1.0 / (255.0 * std), mean / std
+
+    def transform(img: Image.Image) -> torch.Tensor:
+        pixels = torch.from_numpy(np.array(resize(img), dtype=np.uint8))  # H, W, 3
+        x = pixels.permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format)  # 3, H, W
+        return x.mul_(scale).sub_(offset)
+
+    return transform
 
 
 def open_image(data: bytes, limits: ImageLimits) -> Image.Image:

@@ -206,8 +206,8 @@ class Service:
         return name if name in self.registry.models else NO_MODEL
 
 
-def get_service(request: Request) -> Service:
-    return request.app.state.service
+async def get_service(request: Request) -> Service:
+    return request.app.state.service  # async: a sync dependency would cost a thread-pool hop per request
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]

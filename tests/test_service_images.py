@@ -39,6 +39,19 @@ def test_output_follows_the_data_config() -> None:
     assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0  # mean = std = 0.5: pixels land in [-1, 1]
 
 
+def test_fused_transform_equals_timms() -> None:
+    from timm.data import create_transform
+
+    from service.images import eval_transform
+
+    for config in (CONFIG, {**CONFIG, "input_size": (3, 224, 224), "mean": (0.485, 0.456, 0.406),
+                            "std": (0.229, 0.224, 0.225), "crop_pct": 0.875}):
+        img = gradient((301, 207))
+        ours, timms = eval_transform(config)(img), create_transform(**config, is_training=False)(img)
+        assert ours.shape == timms.shape and ours.is_contiguous()
+        assert torch.allclose(ours, timms, atol=1e-5)
+
+
 def test_exif_orientation_is_applied() -> None:
     pre = Preprocessor(CONFIG, LIMITS)
     upright = gradient((40, 30))
