@@ -1,0 +1,191 @@
+"""``python -m service.bench_auto``: keep_rate=auto against a fixed keep rate 1.0 under overload, with evit-loadtest.
+
+One server (the real ViT-Ti from ../shared/assets when present, else random weights), then:
+
+1. capacity: evit-loadtest closed loop (2 x batch-size clients) at keep rate 1.0: the full model's
+   throughput C and, from the server's metrics, the time of one batch T (mean measured batch time);
+2. the same open-loop overload (Poisson arrivals at ``--load`` x C, default 2x) with a deadline of
+   ``--deadline-factor`` x T (default 4x) per request (``deadline_ms``), run three ways: fixed keep rate
+   1.0 with the deadline (requests that cannot make it are refused at once) and ``keep_rate=auto`` with
+   the deadline, alternating for ``--rounds`` rounds (a CPU shared with other work then slows both
+   alike), and once fixed 1.0 without a deadline (plain queueing).
+
+Reports for each: requests answered within the deadline (of all sent), goodput (answers within the
+deadline per second), p99 of the answered requests, the mean keep rate used, and the status codes.
+Goal: auto >= 95 % within the deadline where fixed 1.0 keeps under 50 %. Writes ``results.json`` (and
+each run's evit-loadtest outputs) under ``--out``. About two minutes. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from service.bench import ASSET_IMAGES, ROOT, start_server, stop_server, wait_ready
+from service.loadtest import cli as loadtest
+from service.loadtest import promscrape
+from service.settings import ASSET_CHECKPOINT
+
+SETTLE_S = 3.0  # between runs: the server's offered-load window (2 s) forgets the previous run
+
+
+def scrape(url: str) -> promscrape.Snapshot:
+    return promscrape.parse_metrics(httpx.get(f"{url}/metrics", timeout=10).text)
+
+
+def run_loadtest(url: str, out: Path, argv: list[str]) -> dict[str, Any]:
+    """One evit-loadtest run (in this process); its results.json."""
+    code = loadtest.main(["--url", url, "--out", str(out), "--quiet", *argv])
+    results = json.loads((out / "results.json").read_text())
+    results["exit_code"] = code
+    return results
+
+
+def capacity(url: str, args: argparse.Namespace, images: list[str]) -> dict[str, float]:
+    before = scrape(url)
+    res = run_loadtest(url, args.out / "capacity", ["--concurrency", str(2 * args.batch_size), "--duration",
+                                                    str(args.capacity_seconds), "--keep-rates", "1.0", *images])
+    delta = promscrape.diff(before, scrape(url))
+
+    def total(name: str) -> float:
+        return sum(v for (n, labels), v in delta.items() if n == name)
+
+    batches = total("evit_batch_measured_seconds_count")
+    return {
+        "throughput": res["overall"]["throughput"],
+        "batch_seconds": total("evit_batch_measured_seconds_sum") / batches,
+        "mean_batch_size": total("evit_batch_size_sum") / max(total("evit_batch_size_count"), 1),
+        "batches": batches,
+    }
+
+
+def overload(url: str, args: argparse.Namespace, images: list[str], name: str, keep_rate: str,
+             rate: float, deadline_ms: float, with_deadline: bool) -> dict[str, Any]:
+    time.sleep(SETTLE_S)
+    params = ["--param", f"deadline_ms={deadline_ms:.1f}"] if with_deadline else []
+    timeout = max(10.0, 10 * deadline_ms / 1000)  # the client gives up on answers far past the deadline
+    res = run_loadtest(url, args.out / name, ["--rate", f"{rate:.3f}", "--duration", str(args.seconds),
+                                              "--warmup", "2", "--keep-rates", keep_rate, "--slo-ms",
+                                              f"{deadline_ms:.1f}", "--timeout", f"{timeout:.1f}", *params, *images])
+    o = res["overall"]
+    return {
+        "sent": o["sent"], "ok": o["ok"], "within": o["within_slo"], "seconds": res["seconds"],
+        "p50_ms": _ms(o["p50"]), "p99_ms": _ms(o["p99"]), "mean_keep_rate": o.get("mean_keep_rate_used"),
+        "errors": o["errors"], "client_send_lag_p99_ms": _ms(res["client_send_lag"]["p99"]),
+        "load_average": os.getloadavg()[0],
+    }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else 1000 * seconds
+
+
+def combine(rounds: list[dict[str, Any]], keep_rate: str, with_deadline: bool) -> dict[str, Any]:
+    """The rounds of one configuration together: counts summed, p99 the median round's."""
+    sent, ok, within = (sum(r[k] for r in rounds) for k in ("sent", "ok", "within"))
+    seconds = sum(r["seconds"] for r in rounds)
+    errors: dict[str, int] = {}
+    for r in rounds:
+        for code, n in r["errors"].items():
+            errors[code] = errors.get(code, 0) + n
+    used = [(r["mean_keep_rate"], r["ok"]) for r in rounds if r["mean_keep_rate"] is not None]
+    p99 = sorted(r["p99_ms"] for r in rounds if r["p99_ms"] is not None)
+    return {
+        "keep_rate": keep_rate, "deadline_sent": with_deadline, "sent": sent, "ok": ok,
+        "within_deadline": within / sent if sent else 0.0, "goodput": within / seconds if seconds else 0.0,
+        "p99_ms": p99[len(p99) // 2] if p99 else None,
+        "mean_keep_rate": sum(m * n for m, n in used) / sum(n for _, n in used) if used else None,
+        "errors": errors, "rounds": rounds,
+    }
+
+
+CONFIGS = {"fixed_1.0": ("1.0", True), "auto": ("auto", True)}  # interleaved, round after round
+BASELINE = {"fixed_1.0_no_deadline": ("1.0", False)}  # plain queueing, once (its backlog takes long to drain)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    images = ["--images", str(args.images)] if args.images.is_dir() else []
+    flags = {"max_wait_ms": 5, "queue_size": 1024, "request_timeout_s": 120, "torch_threads": args.torch_threads}
+    proc, url = start_server(args, flags)
+    try:
+        wait_ready(proc, url)
+        cap = capacity(url, args, images)
+        rate = args.load * cap["throughput"]
+        deadline_ms = args.deadline_factor * cap["batch_seconds"] * 1000
+        print(f"capacity at keep rate 1.0: {cap['throughput']:.1f} req/s, batch of {cap['mean_batch_size']:.1f} "
+              f"in {cap['batch_seconds'] * 1000:.0f} ms; overload {rate:.1f} req/s, deadline {deadline_ms:.0f} ms",
+              flush=True)
+        rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in (*CONFIGS, *BASELINE)}
+        for i in range(args.rounds):
+            for name, (keep_rate, with_deadline) in CONFIGS.items():
+                print(f"round {i + 1}/{args.rounds}: {name} ...", flush=True)
+                rounds[name].append(overload(url, args, images, f"{name}-{i}", keep_rate, rate, deadline_ms,
+                                             with_deadline))
+        for name, (keep_rate, with_deadline) in BASELINE.items():
+            print(f"{name} ...", flush=True)
+            rounds[name].append(overload(url, args, images, name, keep_rate, rate, deadline_ms, with_deadline))
+        models = httpx.get(f"{url}/models", timeout=10).json()["models"][0]
+    finally:
+        stop_server(proc)
+    runs = {name: combine(rs, *{**CONFIGS, **BASELINE}[name]) for name, rs in rounds.items()}
+    return {"model": args.model, "weights": str(args.checkpoint) if args.checkpoint else "random",
+            "batch_size": args.batch_size, "load": args.load, "deadline_factor": args.deadline_factor,
+            "seconds": args.seconds, "rounds": args.rounds, "torch_threads": args.torch_threads, "capacity": cap,
+            "arrival_rate": rate, "deadline_ms": deadline_ms, "runs": runs,
+            "latency_model": models.get("latency_model"), "cpus": os.cpu_count()}
+
+
+def print_report(report: dict[str, Any]) -> None:
+    print(f"\n{report['model']} ({report['weights']}), batch {report['batch_size']}, {report['load']:g}x capacity "
+          f"({report['arrival_rate']:.1f} req/s, Poisson), deadline {report['deadline_ms']:.0f} ms "
+          f"({report['deadline_factor']:g}x one batch), {report['rounds']} x {report['seconds']:g} s per run")
+    print(f"{'run':24s} {'sent':>5s} {'within':>7s} {'goodput/s':>9s} {'p99 ms':>8s} {'keep rate':>9s}  codes")
+    for name, r in report["runs"].items():
+        codes = {"200": r["ok"], **r["errors"]}
+        p99 = f"{r['p99_ms']:.0f}" if r["p99_ms"] is not None else "-"
+        rate = f"{r['mean_keep_rate']:.2f}" if r["mean_keep_rate"] is not None else "-"
+        print(f"{name:24s} {r['sent']:5d} {100 * r['within_deadline']:6.1f}% {r['goodput']:9.1f} {p99:>8s} "
+              f"{rate:>9s}  {codes}")
+    auto, fixed = report["runs"]["auto"], report["runs"]["fixed_1.0"]
+    loads = [r["load_average"] for run in report["runs"].values() for r in run["rounds"]]
+    print(f"goal: auto >= 95 % within the deadline ({100 * auto['within_deadline']:.1f} %), fixed 1.0 < 50 % "
+          f"({100 * fixed['within_deadline']:.1f} %); 1-minute load average {min(loads):.1f} to {max(loads):.1f} "
+          f"on {report['cpus']} CPUs")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m service.bench_auto", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="vit_tiny_patch16_224")
+    p.add_argument("--checkpoint", type=Path, default=ROOT / ASSET_CHECKPOINT)
+    p.add_argument("--images", type=Path, default=ASSET_IMAGES)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--load", type=float, default=2.0, help="arrival rate, in multiples of the measured capacity")
+    p.add_argument("--deadline-factor", type=float, default=4.0, help="deadline, in multiples of one batch's time")
+    p.add_argument("--seconds", type=float, default=15.0, help="per overload run")
+    p.add_argument("--rounds", type=int, default=2, help="fixed and auto runs alternate this many times")
+    p.add_argument("--capacity-seconds", type=float, default=10.0)
+    p.add_argument("--torch-threads", type=int, default=1, help="the server's; on a small shared CPU, more "
+                   "threads than free cores make every pass slower and noisier (decoding and the load "
+                   "generator need the other cores)")
+    p.add_argument("--out", type=Path, default=Path("runs/bench-auto"))
+    args = p.parse_args(argv)
+    if args.checkpoint and not args.checkpoint.is_file():
+        print(f"no checkpoint at {args.checkpoint}: random weights (timings only)")
+        args.checkpoint = None
+    report = run(args)
+    print_report(report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
