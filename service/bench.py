@@ -48,6 +48,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def load_images(directory: Path, count: int) -> list[bytes]:
+    """The assets' JPEGs or, without them, synthetic JPEGs of an ImageNet-like size."""
     files = sorted(directory.glob("*.JPEG"))[:count] if directory.is_dir() else []
     if files:
         return [f.read_bytes() for f in files]
@@ -56,11 +57,9 @@ def load_images(directory: Path, count: int) -> list[bytes]:
     import numpy as np
     from PIL import Image
 
-    rng = np.random.default_rng(0)
-    out = []
-    for _ in range(count):  # no assets: synthetic JPEGs of ImageNet-like sizes
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)).save(buf, "JPEG", quality=90)
+    rng, out = np.random.default_rng(0), []
+    for _ in range(count):
+        Image.fromarray(rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)).save(buf := io.BytesIO(), "JPEG")
         out.append(buf.getvalue())
     return out
 
@@ -166,22 +165,21 @@ def saturate(url: str, images: list[bytes], clients: int, seconds: float, rates:
     """Load ``url``; with ``health``, also time ``/healthz`` every 50 ms from another thread meanwhile."""
     done = threading.Event()
 
-    def probe() -> None:
+    def probe(health: list[float]) -> None:
         with httpx.Client(base_url=url, timeout=10) as c:
             time.sleep(min(1.0, seconds / 4))  # let the load build up first
             while not done.is_set():
                 t = time.perf_counter()
                 c.get("/healthz")
-                assert health is not None
                 health.append(time.perf_counter() - t)
                 time.sleep(0.05)
 
-    prober = threading.Thread(target=probe, daemon=True)
-    if health is not None:
+    prober = threading.Thread(target=probe, args=(health,), daemon=True) if health is not None else None
+    if prober:
         prober.start()
     result = asyncio.run(_load(url, images, clients, seconds, rates))
     done.set()
-    if health is not None:
+    if prober:
         prober.join()
     return result
 
@@ -288,16 +286,19 @@ def print_report(report: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m service.bench", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="vit_tiny_patch16_224")
-    p.add_argument("--checkpoint", type=Path, default=ROOT / ASSET_CHECKPOINT)
-    p.add_argument("--images", type=Path, default=ASSET_IMAGES)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--keep-rate", type=float, default=0.7)
-    p.add_argument("--seconds", type=float, default=4.0, help="per phase and round")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--pairs", type=int, default=40, help="low-load raw/service pairs")
-    p.add_argument("--clients", type=int, default=0, help="concurrent clients at saturation (default 2x batch)")
-    p.add_argument("--out", type=Path, default=Path("service-bench.json"))
+    for flag, kind, default, text in (
+        ("--model", str, "vit_tiny_patch16_224", "timm architecture"),
+        ("--checkpoint", Path, ROOT / ASSET_CHECKPOINT, "weights (random when absent)"),
+        ("--images", Path, ASSET_IMAGES, "folder of .JPEG files (synthetic JPEGs when absent)"),
+        ("--batch-size", int, 16, "max batch size of the service and batch of the raw pipeline"),
+        ("--keep-rate", float, 0.7, "keep rate of the single-rate phases"),
+        ("--seconds", float, 4.0, "per phase and round"),
+        ("--rounds", int, 3, "interleaved rounds"),
+        ("--pairs", int, 40, "low-load raw/service pairs"),
+        ("--clients", int, 0, "concurrent clients at saturation (default 2x batch)"),
+        ("--out", Path, Path("service-bench.json"), "JSON report"),
+    ):
+        p.add_argument(flag, type=kind, default=default, help=text)
     args = p.parse_args(argv)
     if args.checkpoint and not args.checkpoint.is_file():
         print(f"no checkpoint at {args.checkpoint}: random weights (timings only)")
