@@ -87,18 +87,20 @@ class Unreachable(Exception):
 
 
 def refusal(e: Unreachable, queued: int, retry_after_s: int) -> ApiError:
-    """The answer to a request refused at arrival: 504 when only a longer deadline helps, else 503."""
+    """The answer to a request refused at arrival: 504 when only a longer deadline helps, else 503.
+    A request without ``deadline_ms`` has the request timeout as its deadline."""
     left, eta = (e.deadline - e.now) * 1e3, (e.finish - e.now) * 1e3
+    what = "the request cannot be answered within its deadline (deadline_ms, or the request timeout)"
     if left <= 0:
-        return ApiError(504, "deadline passed before the request could be queued (reading and decoding it took "
-                        "longer); allow a longer deadline_ms", "deadline_unreachable")
+        return ApiError(504, f"{what}: it passed before the request could be queued (reading and decoding it took "
+                        "longer)", "deadline_unreachable")
     if e.impossible:
-        return ApiError(504, f"deadline cannot be met: {left:.1f} ms left, but even an idle model is predicted to "
-                        f"need {(e.idle_finish - e.now) * 1e3:.1f} ms; allow a longer deadline_ms or a lower "
-                        "keep rate", "deadline_unreachable")
-    return ApiError(503, f"deadline cannot be met under the current load: predicted to finish in {eta:.0f} ms "
-                    f"({queued} requests queued), deadline in {left:.0f} ms; retry later, allow a longer "
-                    "deadline_ms, or use keep_rate=auto (or a lower min_keep_rate)", "deadline_unreachable",
+        return ApiError(504, f"{what} even by an idle model: {left:.1f} ms left, one pass is predicted to take "
+                        f"{(e.idle_finish - e.now) * 1e3:.1f} ms; allow a longer deadline or a lower keep rate",
+                        "deadline_unreachable")
+    return ApiError(503, f"{what} under the current load: predicted to finish in {eta:.0f} ms ({queued} requests "
+                    f"queued), deadline in {left:.0f} ms; retry later, allow a longer deadline_ms, or use "
+                    "keep_rate=auto (or a lower min_keep_rate)", "deadline_unreachable",
                     {"Retry-After": str(retry_after_s)})
 
 

@@ -35,7 +35,11 @@ async def test_auto_reports_the_rate_it_chose(serve, tiny_settings, image_bytes)
         r = await client.post("/classify?keep_rate=auto&min_keep_rate=0.5", content=image_bytes())
         body = r.json()
         assert r.status_code == 200 and body["keep_rate"] == 0.5 and body["tokens"] == model.cost(0.5).total_tokens
-        metrics = (await client.get("/metrics")).text
+        for _ in range(200):  # a batch's time is recorded just after its answers go out
+            metrics = (await client.get("/metrics")).text
+            if metric(metrics, "evit_batch_measured_seconds_count", model="tiny") == 2:
+                break
+            await asyncio.sleep(0.01)
         assert metric(metrics, "evit_auto_keep_rate_count", model="tiny", priority="normal") == 2
         assert metric(metrics, "evit_auto_keep_rate_sum", model="tiny", priority="normal") == 1.5
         assert metric(metrics, "evit_requests_total", model="tiny", keep_rate="0.50", code="200") == 1
