@@ -18,18 +18,17 @@ import argparse
 import copy
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 import evit
+from evit.distributed import Dist, amp_dtype
 from evit.eval import _blocks
 
 
@@ -70,36 +69,6 @@ def distill_loss(
     kl = F.kl_div(F.log_softmax(student / tau, -1), F.log_softmax(teacher / tau, -1), reduction="batchmean",
                   log_target=True)
     return (1 - alpha) * ce + alpha * tau * tau * kl
-
-
-class Dist:
-    """torchrun's environment, or a single process without it."""
-
-    def __init__(self, device: str | None) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        cuda = torch.cuda.is_available() and device != "cpu"
-        self.device = torch.device(device or (f"cuda:{local}" if cuda else "cpu"))
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        if self.world > 1:
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def mean(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.world > 1:
-            dist.all_reduce(t)
-            t /= self.world
-        return t.tolist()
-
-    def close(self) -> None:
-        if self.world > 1:
-            dist.destroy_process_group()
 
 
 def loaders(args: argparse.Namespace, model: nn.Module, d: Dist) -> tuple[DataLoader, DataLoader | None]:
@@ -149,14 +118,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if p.requires_grad:
             (no_decay if p.ndim <= 1 or name in skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def amp_dtype(choice: str, device: torch.device) -> torch.dtype | None:
-    if choice == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[choice]
 
 
 def train(args: argparse.Namespace) -> dict:
