@@ -114,6 +114,17 @@ def test_size_attn_fused_and_explicit_attention_agree():
         assert torch.allclose(model(x, rates), fused, atol=1e-5)
 
 
+def test_all_options_under_autocast_and_training():
+    _, model = pair("vit", schedule="every", fuse_weight="mean", size_attn=True, ranking="cumulative")
+    x = images(4)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, torch.tensor([0.5, 0.7, 1.0, 0.3]))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    model.train()
+    model(x, keep_rate=0.5).logsumexp(-1).mean().backward()
+    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
