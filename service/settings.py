@@ -80,7 +80,7 @@ class Settings(BaseSettings):
 
     # latency-aware scheduling (see service/scheduler.py): keep_rate=auto, deadlines, priorities
     latency_target_ms: float = Field(500.0, gt=0.0, allow_inf_nan=False)  # auto without a deadline aims here
-    auto_min_keep_rate: float = Field(0.25, gt=0.0, le=1.0, allow_inf_nan=False)  # auto's floor by default
+    auto_min_keep_rate: float = Field(0.5, gt=0.0, le=1.0, allow_inf_nan=False)  # auto's floor by default
     auto_keep_rate_step: float = Field(0.05, gt=0.0, le=1.0, allow_inf_nan=False)  # auto's grid of rates
     low_priority_queue_share: float = Field(0.5, gt=0.0, le=1.0)  # low-priority requests get this part of the queue
     latency_safety_z: float = Field(2.0, ge=0.0, le=10.0)  # margin: predictions x (1 + z * relative error)
