@@ -14,15 +14,10 @@ during it. Prints the ratios the goals are stated in and writes everything to a 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,11 +26,11 @@ from typing import Any
 import httpx
 import torch
 
+from service.benchload import ROOT, saturate, start_server, stop_server, wait_ready
 from service.registry import host, resolve_device
 from service.settings import ASSET_CHECKPOINT, ModelSpec, Settings
 from service.worker import DeviceWorker, Sample
 
-ROOT = Path(__file__).resolve().parents[1]
 ASSET_IMAGES = ROOT / "../shared/assets/imagenet-sample"
 MIXED_RATES = [0.5, 0.7, 1.0]
 SERVERS = {"batched": {}, "unbatched": {"max_batch_size": 1}, "mixed": {"batch_policy": "mixed"},
@@ -93,95 +88,6 @@ class RawPipeline:
 
     def saturate(self, images: list[bytes], seconds: float) -> dict:
         return self.worker.executor.submit(self._saturate, images, seconds).result()
-
-
-# -- servers and clients -----------------------------------------------------------------------------------
-def start_server(args: argparse.Namespace, flags: dict[str, object]) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "service", "--model", args.model, "--port", str(port), "--device", "cpu",
-           "--max-batch-size", str(args.batch_size), "--log-level", "warning"]
-    cmd += ["--checkpoint", str(args.checkpoint)] if args.checkpoint else ["--random-weights"]
-    for k, v in flags.items():
-        cmd += [f"--{k.replace('_', '-')}", str(v)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EVIT_")}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server {url} exited with status {proc.returncode}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"server {url} not ready in time")
-        time.sleep(0.2)
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-async def _load(url: str, images: list[bytes], clients: int, seconds: float, rates: list[float]) -> dict:
-    """``clients`` closed-loop clients for ``seconds``; latencies per keep rate, throughput, status codes."""
-    latencies: dict[float, list[float]] = {r: [] for r in rates}
-    codes: dict[int, int] = {}
-    stop = time.monotonic() + seconds
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-
-        async def one_client(n: int) -> None:
-            while time.monotonic() < stop:
-                rate = rates[n % len(rates)]
-                t = time.perf_counter()
-                r = await client.post("/classify", params={"keep_rate": rate}, content=images[n % len(images)],
-                                      headers={"content-type": "image/jpeg"})
-                codes[r.status_code] = codes.get(r.status_code, 0) + 1
-                if r.status_code == 200:
-                    latencies[rate].append(time.perf_counter() - t)
-                n += clients
-
-        start = time.perf_counter()
-        await asyncio.gather(*(one_client(c) for c in range(clients)))
-        elapsed = time.perf_counter() - start
-    return {"throughput": sum(map(len, latencies.values())) / elapsed, "codes": codes, "latencies": latencies}
-
-
-def saturate(url: str, images: list[bytes], clients: int, seconds: float, rates: list[float],
-             health: list[float] | None = None) -> dict:
-    """Load ``url``; with ``health``, also time ``/healthz`` every 50 ms from another thread meanwhile."""
-    done = threading.Event()
-
-    def probe(health: list[float]) -> None:
-        with httpx.Client(base_url=url, timeout=10) as c:
-            time.sleep(min(1.0, seconds / 4))  # let the load build up first
-            while not done.is_set():
-                t = time.perf_counter()
-                c.get("/healthz")
-                health.append(time.perf_counter() - t)
-                time.sleep(0.05)
-
-    prober = threading.Thread(target=probe, args=(health,), daemon=True) if health is not None else None
-    if prober:
-        prober.start()
-    result = asyncio.run(_load(url, images, clients, seconds, rates))
-    done.set()
-    if prober:
-        prober.join()
-    return result
 
 
 def low_load(raw: RawPipeline, url: str, images: list[bytes], keep_rate: float, pairs: int) -> dict:

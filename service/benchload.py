@@ -1,0 +1,127 @@
+"""Servers and loopback load for ``service.bench``: start ``python -m service`` processes, saturate them with
+closed-loop clients (a minimal HTTP/1.1 client, so the load costs the shared CPU little) and probe ``/healthz``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start_server(args: argparse.Namespace, flags: dict[str, object]) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "service", "--model", args.model, "--port", str(port), "--device", "cpu",
+           "--max-batch-size", str(args.batch_size), "--log-level", "warning"]
+    cmd += ["--checkpoint", str(args.checkpoint)] if args.checkpoint else ["--random-weights"]
+    for k, v in flags.items():
+        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVIT_")}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server {url} exited with status {proc.returncode}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"server {url} not ready in time")
+        time.sleep(0.2)
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+async def _post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes, body: bytes) -> int:
+    """One HTTP/1.1 request on a kept-alive connection; returns the status (the answer is read and dropped).
+
+    A minimal client on purpose: httpx spent 3-5 ms of CPU per request here, CPU that the server under
+    test, on the same two cores, would then not have.
+    """
+    writer.write(head + body)
+    status_line = await reader.readline()
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    await reader.readexactly(length)
+    return int(status_line.split()[1])
+
+
+async def _load(url: str, images: list[bytes], clients: int, seconds: float, rates: list[float]) -> dict:
+    """``clients`` closed-loop clients for ``seconds``; latencies per keep rate, throughput, status codes."""
+    latencies: dict[float, list[float]] = {r: [] for r in rates}
+    codes: dict[int, int] = {}
+    stop = time.monotonic() + seconds
+    host, port = url.removeprefix("http://").split(":")
+
+    async def one_client(n: int) -> None:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        while time.monotonic() < stop:
+            rate, body = rates[n % len(rates)], images[n % len(images)]
+            head = (f"POST /classify?keep_rate={rate} HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/jpeg\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n").encode()
+            t = time.perf_counter()
+            code = await _post(reader, writer, head, body)
+            codes[code] = codes.get(code, 0) + 1
+            if code == 200:
+                latencies[rate].append(time.perf_counter() - t)
+            n += clients
+        writer.close()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one_client(c) for c in range(clients)))
+    elapsed = time.perf_counter() - start
+    return {"throughput": sum(map(len, latencies.values())) / elapsed, "codes": codes, "latencies": latencies}
+
+
+def saturate(url: str, images: list[bytes], clients: int, seconds: float, rates: list[float],
+             health: list[float] | None = None) -> dict:
+    """Load ``url``; with ``health``, also time ``/healthz`` every 50 ms from another thread meanwhile."""
+    done = threading.Event()
+
+    def probe(health: list[float]) -> None:
+        with httpx.Client(base_url=url, timeout=10) as c:
+            time.sleep(min(1.0, seconds / 4))  # let the load build up first
+            while not done.is_set():
+                t = time.perf_counter()
+                c.get("/healthz")
+                health.append(time.perf_counter() - t)
+                time.sleep(0.05)
+
+    prober = threading.Thread(target=probe, args=(health,), daemon=True) if health is not None else None
+    if prober:
+        prober.start()
+    result = asyncio.run(_load(url, images, clients, seconds, rates))
+    done.set()
+    if prober:
+        prober.join()
+    return result
