@@ -23,7 +23,7 @@ from torch import nn
 import evit
 from evit.eval import _keep_rates, evaluate, load_images, load_labels
 
-# name -> create_model options. The paper's rule first; evit.ACCURATE is "every+mean".
+# name -> create_model options. The paper's rule first; evit.ACCURATE is "every+drop".
 VARIANTS: dict[str, dict] = {
     "paper": {},
     "drop": {"fuse": False},
@@ -34,9 +34,9 @@ VARIANTS: dict[str, dict] = {
     "mean+cumulative": {"fuse_weight": "mean", "ranking": "cumulative"},
     "every": {"schedule": "every"},
     "every+drop": {"schedule": "every", "fuse": False},
-    "every+mean": dict(evit.ACCURATE),
-    "every+mean+size_attn": {**evit.ACCURATE, "size_attn": True},
-    "every+mean+cumulative": {**evit.ACCURATE, "ranking": "cumulative"},
+    "every+mean": {"schedule": "every", "fuse_weight": "mean"},
+    "every+mean+size_attn": {"schedule": "every", "fuse_weight": "mean", "size_attn": True},
+    "every+mean+cumulative": {"schedule": "every", "fuse_weight": "mean", "ranking": "cumulative"},
 }
 
 
@@ -51,6 +51,16 @@ def cached_images(items: list[tuple[Path, int]], model: nn.Module, cache: Path |
     if cache:
         torch.save({"key": key, "images": images}, cache)
     return images
+
+
+def reusable(path: Path, args: argparse.Namespace, num_images: int) -> dict[tuple[str, float], dict]:
+    """Rows of an earlier run on the same model, weights and images whose variant has the same options."""
+    old = json.loads(path.read_text())
+    same = (old["model"], old["weights"], old["images"], old["num_images"])
+    if same != (args.model, str(args.checkpoint), str(args.images), num_images):
+        return {}
+    rows = [r for r in old["rows"] + old["curve"] if VARIANTS.get(r["variant"]) == r["options"]]
+    return {(r["variant"], r["budget_keep_rate"]): r for r in rows}
 
 
 def run_variant(
@@ -122,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", type=_keep_rates, default=[0.7, 0.5], help="paper keep rates naming the budgets")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--curve", type=_keep_rates, help="budgets for the curve plot (of --curve-variants)")
-    p.add_argument("--curve-variants", default="paper,every+mean")
+    p.add_argument("--curve-variants", default="paper,every+drop,every+mean")
+    p.add_argument("--reuse", type=Path, help="an earlier compare.json: rows of the same variants are not rerun")
     p.add_argument("--model-kwargs", type=json.loads, default={})
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--limit", type=int, help="use only the first N images")
@@ -151,10 +162,16 @@ def main(argv: list[str] | None = None) -> int:
     paper_cost = {r: model.cost(r).gmacs for r in sorted({*args.budgets, *(args.curve or [])}, reverse=True)}
     full = evaluate({True: model}, images, labels, [1.0], args.batch_size)[0]
 
-    done: dict[tuple[str, float], dict] = {}
+    done = reusable(args.reuse, args, len(items)) if args.reuse else {}
 
     def rows_for(variant_names: list[str], budgets: list[float]) -> list[dict]:
         for name in variant_names:
+            evit.apply_patch(model, **VARIANTS[name])
+            for r in budgets:  # an earlier row counts if this library plans the same keep rates for it
+                row = done.get((name, r))
+                plan = model.schedule_for_gmacs(paper_cost[r])
+                if row and (row["keep_rate"], row["stage_rates"]) != (plan.keep_rate, list(plan.stage_rates)):
+                    del done[name, r]
             todo = {r: paper_cost[r] for r in budgets if (name, r) not in done}
             for row in run_variant(model, VARIANTS[name], todo, images, labels, args.batch_size) if todo else []:
                 done[name, row["budget_keep_rate"]] = {"variant": name, "options": VARIANTS[name], **row}

@@ -27,11 +27,29 @@ def test_variants_run_within_the_papers_budget(tmp_path):
     for r in res["rows"]:
         assert r["gmacs"] <= r["budget_gmacs"] == paper.cost(r["budget_keep_rate"]).gmacs
         assert r["top1"] == pytest.approx(sum(r["top1_halves"]) / 2)  # 6 images: two halves of 3
-    assert [r["variant"] for r in res["curve"]] == ["paper", "every+mean"]
+    assert [r["variant"] for r in res["curve"]] == ["paper", "every+drop", "every+mean"]
     table = (out / "compare.md").read_text()
     assert table.count("\n") == 2 + 6 and "| every+mean | schedule=every, fuse_weight=mean | 0.7 |" in table
     assert (out / "compare.png").stat().st_size > 1000 and (tmp_path / "c.pt").exists()
-    assert compare.main(args) == 0  # from the cache
+    assert compare.main(args) == 0  # images from the cache
+
+
+def test_rows_of_an_earlier_run_are_reused(tmp_path, monkeypatch):
+    for c in "ab":
+        write_images(tmp_path / "data" / c, 2, seed=ord(c))
+    args = ["--model", "vit_tiny_patch16_224", "--checkpoint", str(tiny_checkpoint(tmp_path, rigged=False)),
+            "--images", str(tmp_path / "data"), "--model-kwargs", json.dumps(TINY), "--budgets", "0.6",
+            "--variants", "paper,every+drop"]
+    assert compare.main([*args, "--out", str(tmp_path / "first")]) == 0
+    calls = []
+    monkeypatch.setattr(compare, "evaluate", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    real = evit.eval.evaluate
+    first = tmp_path / "first" / "compare.json"
+    assert compare.main([*args, "--variants", "paper,every+drop,mean", "--reuse", str(first),
+                         "--out", str(tmp_path / "second")]) == 0
+    assert len(calls) == 1 + 2  # the full model, and the new variant on both halves
+    old, new = (json.loads(p.read_text())["rows"] for p in (first, tmp_path / "second" / "compare.json"))
+    assert new[:2] == old and new[2]["variant"] == "mean"
 
 
 def test_unknown_variant_is_refused(tmp_path, capsys):
