@@ -123,10 +123,10 @@ def test_bad_arguments(data, tmp_path, capsys):
     assert "fewer images than one batch" in capsys.readouterr().err
 
 
-def test_torchrun_two_processes(data, tmp_path):
+def test_torchrun_two_processes_bf16(data, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "evit.finetune", *args_for(data, out, "--epochs", "1", "--batch-size", "4")]
+           "-m", "evit.finetune", *args_for(data, out, "--epochs", "1", "--batch-size", "4", "--amp", "bf16")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
