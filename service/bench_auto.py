@@ -3,8 +3,9 @@
 One server (default DeiT-S with random weights: only timings matter here; ``--model vit_tiny_patch16_224``
 takes the real ViT-Ti from ../shared/assets), then:
 
-1. capacity: evit-loadtest closed loop (2 x batch-size clients) at keep rate 1.0: the full model's
-   throughput C and, from the server's metrics, the time of one batch T (mean measured batch time);
+1. capacity: evit-loadtest closed loop (3 x batch-size clients: full batches) at keep rate 1.0: the full model's
+   throughput C and, from the server's metrics, the time of one batch T (mean measured batch time),
+   from the best of three short runs;
 2. the same open-loop overload (Poisson arrivals at ``--load`` x C, default 2x) with a deadline of
    ``--deadline-factor`` x T (default 4x) per request (``deadline_ms``), run three ways: fixed keep rate
    1.0 with the deadline (requests that cannot make it are refused at once) and ``keep_rate=auto`` with
@@ -50,21 +51,30 @@ def run_loadtest(url: str, out: Path, argv: list[str]) -> dict[str, Any]:
 
 
 def capacity(url: str, args: argparse.Namespace, images: list[str]) -> dict[str, float]:
-    before = scrape(url)
-    res = run_loadtest(url, args.out / "capacity", ["--concurrency", str(2 * args.batch_size), "--duration",
-                                                    str(args.capacity_seconds), "--keep-rates", "1.0", *images])
-    delta = promscrape.diff(before, scrape(url))
+    """The best of ``--capacity-rounds`` closed-loop runs at keep rate 1.0: other work on a shared CPU only
+    ever lowers a measurement, so the highest is the closest to the machine's own capacity."""
+    best: dict[str, float] = {}
+    for i in range(args.capacity_rounds):
+        before = scrape(url)
+        res = run_loadtest(url, args.out / f"capacity-{i}", ["--concurrency", str(3 * args.batch_size),
+                                                             "--duration", str(args.capacity_seconds), "--warmup",
+                                                             "1", "--keep-rates", "1.0", *images])
+        delta = promscrape.diff(before, scrape(url))
 
-    def total(name: str) -> float:
-        return sum(v for (n, labels), v in delta.items() if n == name)
+        def total(name: str, delta: promscrape.Snapshot = delta) -> float:
+            return sum(v for (n, _), v in delta.items() if n == name)
 
-    batches = total("evit_batch_measured_seconds_count")
-    return {
-        "throughput": res["overall"]["throughput"],
-        "batch_seconds": total("evit_batch_measured_seconds_sum") / batches,
-        "mean_batch_size": total("evit_batch_size_sum") / max(total("evit_batch_size_count"), 1),
-        "batches": batches,
-    }
+        batches = total("evit_batch_measured_seconds_count")
+        run = {
+            "throughput": res["overall"]["throughput"],
+            "batch_seconds": total("evit_batch_measured_seconds_sum") / batches,
+            "mean_batch_size": total("evit_batch_size_sum") / max(total("evit_batch_size_count"), 1),
+            "batches": batches, "load_average": os.getloadavg()[0],
+        }
+        print(f"capacity round {i + 1}/{args.capacity_rounds}: {run['throughput']:.1f} req/s", flush=True)
+        if run["throughput"] > best.get("throughput", 0.0):
+            best = run
+    return best
 
 
 def overload(url: str, args: argparse.Namespace, images: list[str], name: str, keep_rate: str,
@@ -156,8 +166,9 @@ def print_report(report: dict[str, Any]) -> None:
         codes = {"200": r["ok"], **r["errors"]}
         p99 = f"{r['p99_ms']:.0f}" if r["p99_ms"] is not None else "-"
         rate = f"{r['mean_keep_rate']:.2f}" if r["mean_keep_rate"] is not None else "-"
+        rounds = ", ".join(f"{100 * x['within'] / x['sent']:.0f} %" for x in r["rounds"] if x["sent"])
         print(f"{name:24s} {r['sent']:5d} {100 * r['within_deadline']:6.1f}% {r['goodput']:9.1f} {p99:>8s} "
-              f"{rate:>9s}  {codes}")
+              f"{rate:>9s}  {codes}  rounds: {rounds}")
     auto, fixed = report["runs"]["auto"], report["runs"]["fixed_1.0"]
     loads = [r["load_average"] for run in report["runs"].values() for r in run["rounds"]]
     print(f"goal: auto >= 95 % within the deadline ({100 * auto['within_deadline']:.1f} %), fixed 1.0 < 50 % "
@@ -179,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
                    "capacity it must be low enough to absorb the load (accuracy: docs/scheduling.md)")
     p.add_argument("--seconds", type=float, default=15.0, help="per overload run")
     p.add_argument("--rounds", type=int, default=2, help="fixed and auto runs alternate this many times")
-    p.add_argument("--capacity-seconds", type=float, default=10.0)
+    p.add_argument("--capacity-seconds", type=float, default=5.0)
+    p.add_argument("--capacity-rounds", type=int, default=3, help="capacity is the best of these runs")
     p.add_argument("--torch-threads", type=int, default=1, help="the server's; on a small shared CPU, more "
                    "threads than free cores make every pass slower and noisier (decoding and the load "
                    "generator need the other cores)")
