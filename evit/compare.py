@@ -102,6 +102,18 @@ def markdown_table(rows: list[dict], full_top1: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def curve_table(rows: list[dict]) -> str:
+    """Top-1 of each curve variant (columns) at each budget (rows)."""
+    names = list(dict.fromkeys(r["variant"] for r in rows))
+    cell = {(r["variant"], r["budget_keep_rate"]): r for r in rows}
+    budgets = sorted({r["budget_keep_rate"] for r in rows}, reverse=True)
+    lines = ["| budget: paper at | GMACs | " + " | ".join(names) + " |", "|---:|---:|" + "---:|" * len(names)]
+    for b in budgets:
+        gmacs = cell[names[0], b]["budget_gmacs"]
+        lines.append(f"| {b:g} | {gmacs:.3f} | " + " | ".join(f"{100 * cell[n, b]['top1']:.1f}%" for n in names) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def curve_plot(rows: list[dict], full: dict, path: Path, title: str) -> None:
     import matplotlib
 
@@ -190,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     (args.out / "compare.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown_table(table_rows, full["top1"])
+    if curve_rows:
+        table += "\n" + curve_table(curve_rows)
     (args.out / "compare.md").write_text(table)
     if curve_rows:
         title = f"{args.model}, {len(items)} images: top-1 at the paper rule's GMACs"

@@ -29,7 +29,9 @@ def test_variants_run_within_the_papers_budget(tmp_path):
         assert r["top1"] == pytest.approx(sum(r["top1_halves"]) / 2)  # 6 images: two halves of 3
     assert [r["variant"] for r in res["curve"]] == ["paper", "every+drop", "every+mean"]
     table = (out / "compare.md").read_text()
-    assert table.count("\n") == 2 + 6 and "| every+mean | schedule=every, fuse_weight=mean | 0.7 |" in table
+    assert table.count("\n") == 2 + 6 + 1 + 2 + 1 and "| every+mean | schedule=every, fuse_weight=mean | 0.7 |" in table
+    assert table.endswith(f"| 0.5 | {paper.cost(0.5).gmacs:.3f} | " + " | ".join(
+        f"{100 * r['top1']:.1f}%" for r in res["curve"]) + " |\n")
     assert (out / "compare.png").stat().st_size > 1000 and (tmp_path / "c.pt").exists()
     assert compare.main(args) == 0  # images from the cache
 
