@@ -8,10 +8,15 @@ is a weighted least-squares fit over
 - the warm-up calibration (a pass of 1 image and one of B images at keep rate 1.0): two prior points
   that fade like measured passes but never below a small weight, so they settle only what live passes
   leave open (the slope, when every live pass has about the same size);
-- every measured pass since, weighted ``decay ** age`` (0.95: about the last 20 passes count), so a CPU
-  that other work slows down, or a GPU that warms up, is followed within a few batches.
+- every measured pass since, weighted ``decay ** age`` (0.95: about the last 20 passes count).
 
-It also tracks how far measured passes stray from their predictions: ``error`` is an exponentially
+The line changes slowly by design: it needs passes of several sizes to tell overhead from work. A sudden
+change of pace (another process takes a core of a shared CPU, a GPU clocks down) scales every pass
+alike, and a fast factor on the line follows it: ``bias``, an exponentially weighted mean of measured
+over fitted time (weight 0.3, so within three or four passes). Predictions are the line times ``bias``;
+as the line catches up, ``bias`` returns to 1.
+
+The model also tracks how far measured passes stray from their predictions: ``error`` is an exponentially
 weighted mean of the absolute relative error, each pass's clipped at 100 % so that one stalled pass (a
 page fault storm, another process) widens the margin for a while, not for hundreds of passes.
 Scheduling decisions multiply predicted spans by ``safety = 1 + z * error`` so that a noisy device
@@ -38,8 +43,10 @@ DECAY = 0.95  # weight of a measured pass after each newer one
 PRIOR_WEIGHT = 1.0  # weight of each calibration point at first (a measured pass starts at 1) ...
 PRIOR_FLOOR = 0.02  # ... and at last
 ERROR_WEIGHT = 0.1  # EWMA weight of the newest relative error
+BIAS_WEIGHT = 0.3  # EWMA weight of the newest measured / fitted ratio
 INITIAL_ERROR = 0.1  # before any live pass: assume predictions within about 10 %
 MAX_ERROR = 1.0  # one pass's relative error counts at most this much
+MAX_BIAS = 4.0  # one pass moves the bias as if at most 4x (or 1/4) the fitted time
 
 
 @dataclass
@@ -78,7 +85,9 @@ class LatencyModel:
         self._live = _Sums()
         self.passes = 0  # measured passes seen
         self.error = INITIAL_ERROR
-        self.cost: PassCost | None = self._fit()
+        self.bias = 1.0  # recent measured / fitted time
+        self._line = self._fit()
+        self.cost: PassCost | None = self._line  # the line times bias: what predictions use
 
     @classmethod
     def from_warmup(cls, cost: PassCost | None, gmacs_per_image: float, batch: int, **kwargs: Any) -> LatencyModel:
@@ -114,7 +123,11 @@ class LatencyModel:
             self._prior.scale(max(self.decay, 2 * PRIOR_FLOOR / self._prior.w))
         self._live.add(gmacs, seconds, 1.0)
         self.passes += 1
-        self.cost = self._fit()
+        line, self._line = self._line, self._fit()
+        assert self._line is not None
+        ratio = min(max(seconds / (line or self._line).seconds(gmacs), 1 / MAX_BIAS), MAX_BIAS)
+        self.bias = (1 - BIAS_WEIGHT) * self.bias + BIAS_WEIGHT * ratio
+        self.cost = PassCost(self._line.overhead_s * self.bias, self._line.seconds_per_gmac * self.bias)
 
     def _fit(self) -> PassCost | None:
         s = self._prior + self._live
@@ -128,12 +141,13 @@ class LatencyModel:
         return PassCost(overhead_s=intercept, seconds_per_gmac=slope)
 
     def info(self) -> dict[str, Any]:
-        """For ``/models``: the current line, its error and how much it has learnt."""
+        """For ``/models``: the line predictions use (bias included), its error and how much it has learnt."""
         c = self.cost
         return {
             "calibrated": c is not None,
             "overhead_ms": None if c is None else round(c.overhead_s * 1e3, 4),
             "ms_per_gmac": None if c is None else round(c.seconds_per_gmac * 1e3, 4),
+            "bias": round(self.bias, 4),
             "relative_error": round(self.error, 4),
             "safety": round(self.safety, 4),
             "passes_observed": self.passes,

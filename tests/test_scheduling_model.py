@@ -45,6 +45,18 @@ def test_learns_a_slower_device_from_measured_passes() -> None:
     assert model.info()["passes_observed"] == 60
 
 
+def test_a_sudden_change_of_pace_is_followed_within_a_few_passes() -> None:
+    model = exact(0.01, 0.1)
+    for _ in range(50):
+        model.observe(2.0, 0.21)
+    for _ in range(5):  # another process took half the CPU: every pass takes twice as long
+        model.observe(2.0, 0.42)
+    assert model.seconds(2.0) == pytest.approx(0.42, rel=0.15) and model.bias > 1.5
+    for _ in range(200):
+        model.observe(2.0, 0.42)
+    assert model.seconds(2.0) == pytest.approx(0.42, rel=0.01) and model.bias == pytest.approx(1.0, abs=0.05)
+
+
 def test_same_size_passes_keep_the_calibrated_slope() -> None:
     model = exact(0.01, 0.1)
     for _ in range(200):

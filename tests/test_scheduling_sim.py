@@ -71,9 +71,10 @@ def arrivals(phases: list[tuple[float, float]], seed: int = 0) -> list[float]:
 
 
 def simulate(times: list[float], make_job, *, prior_error: float = 0.7, noise: float = 0.05,
-             refuse: bool = True, seed: int = 1) -> Run:
+             refuse: bool = True, seed: int = 1, slowdown=lambda t: 1.0) -> Run:
     """Serve arrivals at ``times``; ``make_job(i, t)`` builds each request's Job. The latency model starts
-    from a warm-up calibration ``prior_error`` times the device's true speed (it has to learn the rest)."""
+    from a warm-up calibration ``prior_error`` times the device's true speed (it has to learn the rest);
+    ``slowdown(t)`` scales the device's pass times from time t (other work on a shared CPU)."""
     rng = random.Random(seed)
     prior = PassCost(OVERHEAD * prior_error, PER_GMAC * prior_error)
     latency = LatencyModel.from_warmup(prior, gmacs(1.0), BATCH)
@@ -94,7 +95,7 @@ def simulate(times: list[float], make_job, *, prior_error: float = 0.7, noise: f
             end = now
             for p in plan_passes(rates, gmacs, latency.cost) if rates else []:
                 work = sum(gmacs(rates[k]) for k in p)
-                seconds = (OVERHEAD + PER_GMAC * work) * math.exp(rng.gauss(0.0, noise))
+                seconds = (OVERHEAD + PER_GMAC * work) * math.exp(rng.gauss(0.0, noise)) * slowdown(end)
                 end += seconds
                 measured.append((end, work, seconds))
             free_at = end
@@ -182,3 +183,14 @@ def test_min_keep_rate_is_respected_and_refusal_follows() -> None:
     assert refused > 0.2
     served = [o for o in run.outcomes if o.finish is not None]
     assert sum(o.latency <= DEADLINE for o in served) / len(served) >= 0.99
+
+
+def test_a_sudden_slowdown_is_followed() -> None:
+    # another process takes a third of the device at t = 10 s: capacity at keep rate 0.25 is then ~1.6x
+    # the full model's original capacity, so 1.5x the original load is still feasible
+    times = arrivals([(25.0, 1.5 * CAPACITY)], seed=6)
+    run = simulate(times, auto_job(), slowdown=lambda t: 1.5 if t >= 10.0 else 1.0)
+    assert run.within(0, 10) >= 0.99
+    assert run.within(10, 12) >= 0.9  # the few seconds it takes to notice
+    assert run.within(12, 25) >= 0.99
+    assert run.mean_rate(15, 25) < run.mean_rate(3, 10) - 0.1  # by lowering the keep rates
