@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         ("--rounds", int, 3, "interleaved rounds"),
         ("--pairs", int, 40, "low-load raw/service pairs"),
         ("--clients", int, 0, "concurrent clients at saturation (default 2x batch)"),
-        ("--out", Path, Path("service-bench.json"), "JSON report"),
+        ("--out", Path, Path("out/service-bench.json"), "JSON report"),
     ):
         p.add_argument(flag, type=kind, default=default, help=text)
     args = p.parse_args(argv)
@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         args.checkpoint = None
     report = run(args)
     print_report(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
     return 0
