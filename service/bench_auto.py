@@ -3,10 +3,11 @@
 One server (default DeiT-S with random weights: only timings matter here; ``--model vit_tiny_patch16_224``
 takes the real ViT-Ti from ../shared/assets), then:
 
-1. capacity: evit-loadtest closed loop (3 x batch-size clients: full batches) at keep rate 1.0: the full model's
-   throughput C and, from the server's metrics, the time of one batch T (mean measured batch time),
-   from the best of three short runs;
-2. the same open-loop overload (Poisson arrivals at ``--load`` x C, default 2x) with a deadline of
+1. right before each overload run, its capacity: the full model's throughput C at keep rate 1.0 with
+   evit-loadtest (closed loop, 3 x batch-size clients) and, from the server's metrics, the time of one
+   batch T (mean measured batch time). On a CPU shared with other work capacity drifts, so each run is
+   loaded relative to the capacity measured just before it;
+2. an open-loop overload (Poisson arrivals at ``--load`` x C, default 2x) with a deadline of
    ``--deadline-factor`` x T (default 4x) per request (``deadline_ms``), run three ways: fixed keep rate
    1.0 with the deadline (requests that cannot make it are refused at once) and ``keep_rate=auto`` with
    the deadline, alternating for ``--rounds`` rounds (a CPU shared with other work then slows both
@@ -50,31 +51,34 @@ def run_loadtest(url: str, out: Path, argv: list[str]) -> dict[str, Any]:
     return results
 
 
-def capacity(url: str, args: argparse.Namespace, images: list[str]) -> dict[str, float]:
-    """The best of ``--capacity-rounds`` closed-loop runs at keep rate 1.0: other work on a shared CPU only
-    ever lowers a measurement, so the highest is the closest to the machine's own capacity."""
-    best: dict[str, float] = {}
-    for i in range(args.capacity_rounds):
-        before = scrape(url)
-        res = run_loadtest(url, args.out / f"capacity-{i}", ["--concurrency", str(3 * args.batch_size),
-                                                             "--duration", str(args.capacity_seconds), "--warmup",
-                                                             "1", "--keep-rates", "1.0", *images])
-        delta = promscrape.diff(before, scrape(url))
+def capacity(url: str, args: argparse.Namespace, images: list[str], name: str) -> dict[str, float]:
+    """The full model's throughput in a closed loop at keep rate 1.0 (3 x batch-size clients: full batches),
+    and the mean time and size of its batches (server metrics, the loop's 1 s warm-up included)."""
+    before = scrape(url)
+    res = run_loadtest(url, args.out / name, ["--concurrency", str(3 * args.batch_size), "--duration",
+                                              str(args.capacity_seconds), "--warmup", "1", "--keep-rates", "1.0",
+                                              *images])
+    delta = promscrape.diff(before, scrape(url))
 
-        def total(name: str, delta: promscrape.Snapshot = delta) -> float:
-            return sum(v for (n, _), v in delta.items() if n == name)
+    def total(metric: str) -> float:
+        return sum(v for (n, _), v in delta.items() if n == metric)
 
-        batches = total("evit_batch_measured_seconds_count")
-        run = {
-            "throughput": res["overall"]["throughput"],
-            "batch_seconds": total("evit_batch_measured_seconds_sum") / batches,
-            "mean_batch_size": total("evit_batch_size_sum") / max(total("evit_batch_size_count"), 1),
-            "batches": batches, "load_average": os.getloadavg()[0],
-        }
-        print(f"capacity round {i + 1}/{args.capacity_rounds}: {run['throughput']:.1f} req/s", flush=True)
-        if run["throughput"] > best.get("throughput", 0.0):
-            best = run
-    return best
+    return {
+        "throughput": res["overall"]["throughput"],
+        "batch_seconds": total("evit_batch_measured_seconds_sum") / total("evit_batch_measured_seconds_count"),
+        "mean_batch_size": total("evit_batch_size_sum") / max(total("evit_batch_size_count"), 1),
+    }
+
+
+def measured(url: str, args: argparse.Namespace, images: list[str], name: str, keep_rate: str,
+             with_deadline: bool) -> dict[str, Any]:
+    """Capacity measured right before, then the overload at ``--load`` x that capacity."""
+    cap = capacity(url, args, images, f"{name}-capacity")
+    rate, deadline_ms = args.load * cap["throughput"], args.deadline_factor * cap["batch_seconds"] * 1000
+    print(f"{name}: capacity {cap['throughput']:.1f} req/s (batches of {cap['mean_batch_size']:.1f} in "
+          f"{cap['batch_seconds'] * 1000:.0f} ms); {rate:.1f} req/s, deadline {deadline_ms:.0f} ms", flush=True)
+    result = overload(url, args, images, name, keep_rate, rate, deadline_ms, with_deadline)
+    return {**result, "capacity": cap, "arrival_rate": rate, "deadline_ms": deadline_ms}
 
 
 def overload(url: str, args: argparse.Namespace, images: list[str], name: str, keep_rate: str,
@@ -84,15 +88,19 @@ def overload(url: str, args: argparse.Namespace, images: list[str], name: str, k
     if keep_rate == "auto":
         params += ["--param", f"min_keep_rate={args.min_keep_rate:g}"]
     timeout = max(10.0, 10 * deadline_ms / 1000)  # the client gives up on answers far past the deadline
+    before = scrape(url)
     res = run_loadtest(url, args.out / name, ["--rate", f"{rate:.3f}", "--duration", str(args.seconds),
                                               "--warmup", "2", "--keep-rates", keep_rate, "--slo-ms",
                                               f"{deadline_ms:.1f}", "--timeout", f"{timeout:.1f}", *params, *images])
     o = res["overall"]
+    delta = promscrape.diff(before, scrape(url))
+    refused = {dict(labels)["stage"]: v for (n, labels), v in delta.items() if n == "evit_deadline_refused_total"}
     return {
         "sent": o["sent"], "ok": o["ok"], "within": o["within_slo"], "seconds": res["seconds"],
         "p50_ms": _ms(o["p50"]), "p99_ms": _ms(o["p99"]), "mean_keep_rate": o.get("mean_keep_rate_used"),
         "errors": o["errors"], "client_send_lag_p99_ms": _ms(res["client_send_lag"]["p99"]),
-        "load_average": os.getloadavg()[0],
+        "load_average": os.getloadavg()[0], "server_deadline_refused": refused,
+        "latency_model": httpx.get(f"{url}/models", timeout=10).json()["models"][0].get("latency_model"),
     }
 
 
@@ -129,38 +137,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     proc, url = start_server(args, flags)
     try:
         wait_ready(proc, url)
-        cap = capacity(url, args, images)
-        rate = args.load * cap["throughput"]
-        deadline_ms = args.deadline_factor * cap["batch_seconds"] * 1000
-        print(f"capacity at keep rate 1.0: {cap['throughput']:.1f} req/s, batch of {cap['mean_batch_size']:.1f} "
-              f"in {cap['batch_seconds'] * 1000:.0f} ms; overload {rate:.1f} req/s, deadline {deadline_ms:.0f} ms",
-              flush=True)
         rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in (*CONFIGS, *BASELINE)}
         for i in range(args.rounds):
             for name, (keep_rate, with_deadline) in CONFIGS.items():
-                print(f"round {i + 1}/{args.rounds}: {name} ...", flush=True)
-                rounds[name].append(overload(url, args, images, f"{name}-{i}", keep_rate, rate, deadline_ms,
-                                             with_deadline))
+                rounds[name].append(measured(url, args, images, f"{name}-{i}", keep_rate, with_deadline))
         for name, (keep_rate, with_deadline) in BASELINE.items():
-            print(f"{name} ...", flush=True)
-            rounds[name].append(overload(url, args, images, name, keep_rate, rate, deadline_ms, with_deadline))
-        models = httpx.get(f"{url}/models", timeout=10).json()["models"][0]
+            rounds[name].append(measured(url, args, images, name, keep_rate, with_deadline))
     finally:
         stop_server(proc)
     runs = {name: combine(rs, *{**CONFIGS, **BASELINE}[name]) for name, rs in rounds.items()}
+    every = [r for rs in rounds.values() for r in rs]
     return {"model": args.model, "weights": str(args.checkpoint) if args.checkpoint else "random",
             "batch_size": args.batch_size, "load": args.load, "deadline_factor": args.deadline_factor,
             "seconds": args.seconds, "rounds": args.rounds, "min_keep_rate": args.min_keep_rate,
-            "torch_threads": args.torch_threads, "capacity": cap,
-            "arrival_rate": rate, "deadline_ms": deadline_ms, "runs": runs,
-            "latency_model": models.get("latency_model"), "cpus": os.cpu_count()}
+            "torch_threads": args.torch_threads, "runs": runs, "cpus": os.cpu_count(),
+            "capacity_range": [min(r["capacity"]["throughput"] for r in every),
+                               max(r["capacity"]["throughput"] for r in every)],
+            "deadline_ms_range": [min(r["deadline_ms"] for r in every), max(r["deadline_ms"] for r in every)]}
 
 
 def print_report(report: dict[str, Any]) -> None:
-    print(f"\n{report['model']} ({report['weights']}), batch {report['batch_size']}, {report['load']:g}x capacity "
-          f"({report['arrival_rate']:.1f} req/s, Poisson), deadline {report['deadline_ms']:.0f} ms "
-          f"({report['deadline_factor']:g}x one batch), auto's min_keep_rate {report['min_keep_rate']:g}, "
-          f"{report['rounds']} x {report['seconds']:g} s per run")
+    lo, hi = report["capacity_range"]
+    d_lo, d_hi = report["deadline_ms_range"]
+    print(f"\n{report['model']} ({report['weights']}), batch {report['batch_size']}: {report['load']:g}x the capacity "
+          f"measured before each run ({lo:.1f} to {hi:.1f} req/s at keep rate 1.0), Poisson; deadline "
+          f"{report['deadline_factor']:g}x one batch ({d_lo:.0f} to {d_hi:.0f} ms); auto's min_keep_rate "
+          f"{report['min_keep_rate']:g}; {report['rounds']} x {report['seconds']:g} s per run")
     print(f"{'run':24s} {'sent':>5s} {'within':>7s} {'goodput/s':>9s} {'p99 ms':>8s} {'keep rate':>9s}  codes")
     for name, r in report["runs"].items():
         codes = {"200": r["ok"], **r["errors"]}
@@ -190,8 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                    "capacity it must be low enough to absorb the load (accuracy: docs/scheduling.md)")
     p.add_argument("--seconds", type=float, default=15.0, help="per overload run")
     p.add_argument("--rounds", type=int, default=2, help="fixed and auto runs alternate this many times")
-    p.add_argument("--capacity-seconds", type=float, default=5.0)
-    p.add_argument("--capacity-rounds", type=int, default=3, help="capacity is the best of these runs")
+    p.add_argument("--capacity-seconds", type=float, default=5.0, help="capacity run before each overload run")
     p.add_argument("--torch-threads", type=int, default=1, help="the server's; on a small shared CPU, more "
                    "threads than free cores make every pass slower and noisier (decoding and the load "
                    "generator need the other cores)")
