@@ -125,11 +125,13 @@ class Client:
             return Outcome(rid, None, done - scheduled, error=failure, lag=now - scheduled, done_at=done)
         return _parse(rid, raw, done - scheduled, now - scheduled, done)
 
-    async def closed_loop(self, concurrency: int, seconds: float, stop_unless_200: bool = False) -> list[Outcome]:
+    async def closed_loop(self, concurrency: int, seconds: float, stop_unless_200: bool = False,
+                          out: list[Outcome] | None = None) -> list[Outcome]:
         """``concurrency`` clients back to back for ``seconds``; with ``stop_unless_200`` each client stops at
-        its first other answer (as a load balancer stops routing to a server that refuses or vanished)."""
+        its first other answer (as a load balancer stops routing to a server that refuses or vanished).
+        Outcomes are appended to ``out`` as they come, so a caller can watch the run's progress."""
         end = time.perf_counter() + seconds
-        out: list[Outcome] = []
+        out = [] if out is None else out
 
         async def worker() -> None:
             while time.perf_counter() < end:

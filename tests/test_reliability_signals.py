@@ -44,10 +44,15 @@ def box(tmp_path_factory):
 
 
 async def load_then_signal(server: LiveServer, sig: int, after: float) -> tuple[list[Outcome], float]:
-    """CLIENTS back-to-back clients (each stops at its first non-200); ``sig`` after ``after`` seconds."""
+    """CLIENTS back-to-back clients (each stops at its first non-200); ``sig`` after ``after`` seconds and
+    once at least CLIENTS requests were answered (a slow, shared CPU must not make the load too thin)."""
+    outcomes: list[Outcome] = []
     async with Client(server.url, BODIES, timeout=30) as client:
-        load = asyncio.create_task(client.closed_loop(CLIENTS, 60.0, stop_unless_200=True))
+        load = asyncio.create_task(client.closed_loop(CLIENTS, 60.0, stop_unless_200=True, out=outcomes))
         await asyncio.sleep(after)
+        give_up = time.perf_counter() + 30
+        while sum(o.status == 200 for o in outcomes) < CLIENTS and time.perf_counter() < give_up:
+            await asyncio.sleep(0.05)
         server.signal(sig)
         signalled = time.perf_counter()
         return await load, signalled
@@ -75,7 +80,7 @@ def test_sigkill_under_load_then_restart(box) -> None:
     assert metric(httpx.get(restarted.url + "/metrics").text, "evit_requests_total", code="200") == 1  # a new process
     in_flight = sum(o.kind == "dropped" for o in failed)
     record("sigkill_restart", {
-        "what": f"{CLIENTS} back-to-back clients, SIGKILL after 1.5 s, restart on the same port",
+        "what": f"{CLIENTS} back-to-back clients, SIGKILL after 1.5 s and {CLIENTS} answers, restart on the same port",
         "sent": len(outcomes) + 1, "accepted": kinds["accepted"] + 1, "rejected": kinds["refused"],
         "lost": in_flight, "crashes": 0, "memory_growth_mb": None,
         "notes": f"the {in_flight} requests in flight at the kill are lost by definition (SIGKILL leaves no time "
@@ -103,7 +108,8 @@ def test_sigterm_under_load_loses_no_accepted_request(box) -> None:
     assert answered_after  # requests queued at SIGTERM were answered during the drain
     assert any(e.get("msg") == "drained" for e in server.log_lines())
     record("sigterm", {
-        "what": f"{CLIENTS} back-to-back clients, SIGTERM after 1.5 s (drain timeout {LIMITS['drain_timeout_s']:g} s)",
+        "what": f"{CLIENTS} back-to-back clients, SIGTERM after 1.5 s and {CLIENTS} answers "
+                f"(drain timeout {LIMITS['drain_timeout_s']:g} s)",
         "sent": len(outcomes), "accepted": kinds["accepted"], "rejected": len(refused) + len(no_answer),
         "lost": len(lost), "crashes": 0, "memory_growth_mb": None,
         "notes": f"{len(answered_after)} requests accepted before the signal were answered 200 after it; "
