@@ -1,60 +1,18 @@
-"""Against a real ``python -m service`` (uvicorn) on 127.0.0.1, started and stopped by PID in each test."""
+"""Against a real ``python -m service`` (uvicorn) on 127.0.0.1, started and stopped by PID in each test
+(``tests/_live.py``)."""
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 import pytest
+from _live import live_server
 from prometheus_client.parser import text_string_to_metric_families
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def live_server(tmp_path: Path, model: dict, **settings: object) -> Iterator[tuple[subprocess.Popen, str]]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EVIT_")}
-    env.update({"EVIT_MODELS": json.dumps([model]), "EVIT_HOST": "127.0.0.1", "EVIT_PORT": str(port),
-                "EVIT_DEVICE": "cpu", "EVIT_TORCH_THREADS": "1", "EVIT_LOG_LEVEL": "warning"})
-    env.update({f"EVIT_{k.upper()}": str(v) for k, v in settings.items()})
-    log = (tmp_path / f"server-{port}.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, (tmp_path / f"server-{port}.log").read_text()
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.1)
-        yield proc, url
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        log.close()
 
 
 def metric(url: str, name: str, **labels: str) -> float:
@@ -75,7 +33,8 @@ def test_concurrent_mixed_rates_batch_and_match_solo(tmp_path, tiny_model, image
     rates = [0.3, 0.5, 0.7, 1.0]
     jobs = [(seed, rates[seed % len(rates)]) for seed in range(24)]
     images = {seed: image_bytes(seed=seed) for seed, _ in jobs}
-    with live_server(tmp_path, tiny_model, max_batch_size=8, max_wait_ms=100, batch_policy="mixed") as (_, url):
+    with live_server(tmp_path, model=tiny_model, max_batch_size=8, max_wait_ms=100, batch_policy="mixed") as server:
+        url = server.url
         solo = {job: classify(url, images[job[0]], keep_rate=job[1]).json() for job in jobs}
         assert all(s["batch_size"] == 1 for s in solo.values())
         count0, sum0 = metric(url, "evit_batch_size_count"), metric(url, "evit_batch_size_sum")
@@ -95,7 +54,8 @@ def test_concurrent_mixed_rates_batch_and_match_solo(tmp_path, tiny_model, image
 
 
 def test_overload_gives_503_then_recovers(tmp_path, tiny_model, image_bytes) -> None:
-    with live_server(tmp_path, tiny_model, queue_size=2, max_batch_size=64, max_wait_ms=400) as (_, url):
+    with live_server(tmp_path, model=tiny_model, queue_size=2, max_batch_size=64, max_wait_ms=400) as server:
+        url = server.url
         body = image_bytes()
         with ThreadPoolExecutor(12) as pool:
             answers = list(pool.map(lambda _: classify(url, body), range(12)))
@@ -111,7 +71,8 @@ def test_overload_gives_503_then_recovers(tmp_path, tiny_model, image_bytes) -> 
 
 
 def test_sigterm_finishes_accepted_requests(tmp_path, tiny_model, image_bytes) -> None:
-    with live_server(tmp_path, tiny_model, max_batch_size=64, max_wait_ms=2000) as (proc, url):
+    with live_server(tmp_path, model=tiny_model, max_batch_size=64, max_wait_ms=2000) as server:
+        url = server.url
         body = image_bytes()
         classify(url, body)  # the first request of an idle server runs at once; the next ones wait to batch
         with ThreadPoolExecutor(6) as pool:
@@ -120,11 +81,11 @@ def test_sigterm_finishes_accepted_requests(tmp_path, tiny_model, image_bytes) -
             while metric(url, "evit_queue_depth") < 5:
                 assert time.monotonic() < deadline
                 time.sleep(0.02)
-            os.kill(proc.pid, signal.SIGTERM)
+            server.signal(signal.SIGTERM)
             time.sleep(0.2)
             ready = httpx.get(f"{url}/readyz")
             assert ready.status_code == 503 and ready.json()["draining"] is True
             late = classify(url, body)
             assert late.status_code == 503 and late.json()["error"] == "draining"
             assert [f.result().status_code for f in accepted] == [200] * 5
-        assert proc.wait(timeout=30) == 0
+        assert server.wait(timeout=30) == 0
