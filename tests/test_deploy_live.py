@@ -1,6 +1,7 @@
 """The dashboard, alerts and autoscaling rule against a real service process and a real Prometheus.
 
-One `python -m service` process on 127.0.0.1 (a tiny random-weights ViT, started and stopped by PID)
+One `python -m service` process on 127.0.0.1 (a tiny random-weights ViT, started and stopped by PID by
+tests/_live.py)
 answers a few classify requests; then
 - every metric name (and label) the dashboard, the alert rules and the HPA use must be in its live /metrics;
 - Debian's `prometheus` server, started on 127.0.0.1 with a temporary config and the real alerts.yml,
@@ -12,12 +13,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from _live import free_port, live_server
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -32,15 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 DASHBOARD = DOCKER / "grafana" / "dashboards" / "evit-serve.json"
 ALERTS = DOCKER / "prometheus" / "alerts.yml"
-TINY = {"img_size": 32, "patch_size": 8, "depth": 4, "embed_dim": 32, "num_heads": 2, "num_classes": 10}
 KEEP_RATES = (0.5, 0.7, 1.0)
 TARGET_LABELS = {"job", "instance"}  # added by Prometheus at scrape time
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -89,26 +81,14 @@ def classify(service: dict, rate: float) -> None:
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """A live service that answered 2 requests per keep rate (200) and one bad one (422); tests may add
     answered requests through ``classify``."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("service") / "service.log"
-    spec = [{"name": "tiny", "arch": "vit_tiny_patch16_224", "weights": "random", "model_kwargs": TINY}]
-    env = {**os.environ, "EVIT_MODELS": json.dumps(spec), "EVIT_HOST": "127.0.0.1", "EVIT_PORT": str(port),
-           "EVIT_TORCH_THREADS": "1", "EVIT_MAX_WAIT_MS": "1"}
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=out,
-                                stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(f"{url}/readyz", proc, log)
-        state = {"url": url, "port": port, "per_rate": {}, "tokens": 0}
+    with live_server(tmp_path_factory.mktemp("service"), max_wait_ms=1) as server:  # conftest's TINY_MODEL
+        state = {"url": server.url, "port": server.port, "per_rate": {}, "tokens": 0}
         for rate in KEEP_RATES * 2:
             classify(state, rate)
-        bad = httpx.post(f"{url}/classify", params={"keep_rate": 1.5}, content=png(),
+        bad = httpx.post(f"{server.url}/classify", params={"keep_rate": 1.5}, content=png(),
                          headers={"content-type": "image/png"}, timeout=30)
         assert bad.status_code == 422
         yield state
-    finally:
-        stop(proc)
 
 
 # ---------------------------------------------------------------- names used by the deployment files
