@@ -156,12 +156,12 @@ def _reorganize(
             new_sides.append(side)
             new_groups.append(g)
             continue
-        if cfg.size_attn and cfg.fuse and side.sizes is None:
+        if side.sizes is None and (cfg.fusion == "nearest" or (cfg.size_attn and cfg.fusion == "one")):
             side = Side(side.ids, torch.ones(g.size, g.tokens - P, device=x.device), side.scores)
-        subs = split_group(g, P, cfg.fuse, stage)
+        subs = split_group(g, P, cfg.fusion, stage)
         runs = [(s.start - g.start, s.size, k) for s, k in subs]
         score = side.scores if cfg.ranking == "cumulative" else None
-        xs, parts = reorganize(view, cls[:, P:], runs, P, cfg.fuse, side, score, cfg.fuse_weight == "mean")
+        xs, parts = reorganize(view, cls[:, P:], runs, P, cfg.fusion, side, score, cfg.fuse_weight == "mean")
         new_x += xs
         new_sides += parts
         new_groups += [s for s, _ in subs]

@@ -6,7 +6,8 @@
 For each budget keep rate ``r`` the budget is the paper rule's GMACs at ``r``; every variant runs at the
 keep rate its own ``schedule_for_gmacs`` answers for that budget, so rows at one budget cost the same (or
 less). Top-1 is also given on the even- and odd-numbered halves of the images: a difference between two
-variants smaller than the spread between halves is noise. Writes ``compare.json``, ``compare.md`` (the
+variants smaller than the spread between halves is noise; ``--flip`` adds top-1 on the mirrored images
+(the same labels, a second look at the same decision). Writes ``compare.json``, ``compare.md`` (the
 table in docs/accuracy.md) and ``compare.png`` (top-1 against GMACs for the ``--curve`` variants).
 """
 
@@ -23,7 +24,7 @@ from torch import nn
 import evit
 from evit.eval import _keep_rates, evaluate, load_images, load_labels
 
-# name -> create_model options. The paper's rule first; evit.ACCURATE is "every+drop".
+# name -> create_model options. The paper's rule first; evit.ACCURATE is "every3+nearest+size_attn".
 VARIANTS: dict[str, dict] = {
     "paper": {},
     "drop": {"fuse": False},
@@ -37,6 +38,12 @@ VARIANTS: dict[str, dict] = {
     "every+mean": {"schedule": "every", "fuse_weight": "mean"},
     "every+mean+size_attn": {"schedule": "every", "fuse_weight": "mean", "size_attn": True},
     "every+mean+cumulative": {"schedule": "every", "fuse_weight": "mean", "ranking": "cumulative"},
+    "nearest": {"fuse_into": "nearest"},
+    "nearest+size_attn": {"fuse_into": "nearest", "size_attn": True},
+    "every+nearest+size_attn": {"schedule": "every", "fuse_into": "nearest", "size_attn": True},
+    "every3+drop": {"schedule": "every-from-3", "fuse": False},
+    "every3+nearest": {"schedule": "every-from-3", "fuse_into": "nearest"},
+    "every3+nearest+size_attn": {"schedule": "every-from-3", "fuse_into": "nearest", "size_attn": True},
 }
 
 
@@ -65,15 +72,22 @@ def reusable(path: Path, args: argparse.Namespace, num_images: int) -> dict[tupl
 
 def run_variant(
     model: nn.Module, options: dict, budgets: dict[float, float], images: torch.Tensor, labels: torch.Tensor,
-    batch_size: int,
+    batch_size: int, flip: bool = False,
 ) -> list[dict]:
-    """One row per budget: ``model`` re-patched with ``options`` at the keep rate that fits the budget."""
+    """One row per budget: ``model`` re-patched with ``options`` at the keep rate that fits the budget;
+    with ``flip`` also top-1 on the mirrored images. A budget below the variant's cheapest schedule has no row."""
     evit.apply_patch(model, **options)
     rows = []
     for budget_rate, gmacs in budgets.items():
-        plan = model.schedule_for_gmacs(gmacs)
+        try:
+            plan = model.schedule_for_gmacs(gmacs)
+        except ValueError as exc:
+            print(f"evit.compare: {options or 'paper'} at {budget_rate:g}: {exc}", file=sys.stderr)
+            continue
         halves = [evaluate({True: model}, images[i::2], labels[i::2], [plan.keep_rate], batch_size)[0] for i in (0, 1)]
         n = [h["images"] for h in halves]
+        if flip:
+            mirrored = evaluate({True: model}, images.flip(-1), labels, [plan.keep_rate], batch_size)[0]
         rows.append({
             "budget_keep_rate": budget_rate,
             "budget_gmacs": gmacs,
@@ -83,34 +97,48 @@ def run_variant(
             "top1": sum(h["top1"] * k for h, k in zip(halves, n, strict=True)) / sum(n),
             "top5": sum(h["top5"] * k for h, k in zip(halves, n, strict=True)) / sum(n),
             "top1_halves": [h["top1"] for h in halves],
+            **({"top1_flipped": mirrored["top1"]} if flip else {}),
         })
     return rows
 
 
-def markdown_table(rows: list[dict], full_top1: float) -> str:
+def markdown_table(rows: list[dict], full: dict) -> str:
+    flip = "top1_flipped" in full
     lines = [
-        "| variant | options | budget: paper at | keep rate asked | GMACs | top-1 | vs full | top-1 even / odd half |",
-        "|:---|:---|---:|---:|---:|---:|---:|---:|",
+        "| variant | options | budget: paper at | keep rate asked | GMACs | top-1 | vs full | top-1 even / odd half |"
+        + (" mirrored: top-1, vs full |" if flip else ""),
+        "|:---|:---|---:|---:|---:|---:|---:|---:|" + ("---:|" if flip else ""),
     ]
     for r in rows:
         opts = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "(defaults)"
         a, b = r["top1_halves"]
-        lines.append(
+        line = (
             f"| {r['variant']} | {opts} | {r['budget_keep_rate']:g} | {r['keep_rate']:g} | {r['gmacs']:.3f} | "
-            f"{100 * r['top1']:.1f}% | {100 * (r['top1'] - full_top1):+.1f} | {100 * a:.1f}% / {100 * b:.1f}% |"
+            f"{100 * r['top1']:.1f}% | {100 * (r['top1'] - full['top1']):+.1f} | {100 * a:.1f}% / {100 * b:.1f}% |"
         )
+        if flip:
+            m = r["top1_flipped"]
+            line += f" {100 * m:.1f}%, {100 * (m - full['top1_flipped']):+.1f} |"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
-def curve_table(rows: list[dict]) -> str:
-    """Top-1 of each curve variant (columns) at each budget (rows)."""
-    names = list(dict.fromkeys(r["variant"] for r in rows))
+def _planned(model: nn.Module, gmacs: float) -> tuple[float, list[float]] | None:
+    try:
+        plan = model.schedule_for_gmacs(gmacs)
+    except ValueError:
+        return None
+    return plan.keep_rate, list(plan.stage_rates)
+
+
+def curve_table(rows: list[dict], names: list[str]) -> str:
+    """Top-1 of each curve variant (columns) at each budget (rows); "-" where a variant cannot get as cheap."""
     cell = {(r["variant"], r["budget_keep_rate"]): r for r in rows}
-    budgets = sorted({r["budget_keep_rate"] for r in rows}, reverse=True)
+    budgets = {r["budget_keep_rate"]: r["budget_gmacs"] for r in rows}
     lines = ["| budget: paper at | GMACs | " + " | ".join(names) + " |", "|---:|---:|" + "---:|" * len(names)]
-    for b in budgets:
-        gmacs = cell[names[0], b]["budget_gmacs"]
-        lines.append(f"| {b:g} | {gmacs:.3f} | " + " | ".join(f"{100 * cell[n, b]['top1']:.1f}%" for n in names) + " |")
+    for b in sorted(budgets, reverse=True):
+        tops = [f"{100 * cell[n, b]['top1']:.1f}%" if (n, b) in cell else "-" for n in names]
+        lines.append(f"| {b:g} | {budgets[b]:.3f} | " + " | ".join(tops) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -144,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", type=_keep_rates, default=[0.7, 0.5], help="paper keep rates naming the budgets")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--curve", type=_keep_rates, help="budgets for the curve plot (of --curve-variants)")
-    p.add_argument("--curve-variants", default="paper,every+drop,every+mean")
+    p.add_argument("--curve-variants", default="paper,every+drop,every3+nearest+size_attn")
+    p.add_argument("--flip", action="store_true", help="also top-1 on the mirrored images (a noise check)")
     p.add_argument("--reuse", type=Path, help="an earlier compare.json: rows of the same variants are not rerun")
     p.add_argument("--model-kwargs", type=json.loads, default={})
     p.add_argument("--batch-size", type=int, default=50)
@@ -173,23 +202,28 @@ def main(argv: list[str] | None = None) -> int:
     images = cached_images(items, model, args.cache, args.workers)
     paper_cost = {r: model.cost(r).gmacs for r in sorted({*args.budgets, *(args.curve or [])}, reverse=True)}
     full = evaluate({True: model}, images, labels, [1.0], args.batch_size)[0]
+    full = {"top1": full["top1"], "top5": full["top5"], "gmacs": full["gmacs"]}
+    if args.flip:
+        full["top1_flipped"] = evaluate({True: model}, images.flip(-1), labels, [1.0], args.batch_size)[0]["top1"]
 
     done = reusable(args.reuse, args, len(items)) if args.reuse else {}
+    if args.flip:  # rows of a run without --flip lack the mirrored column
+        done = {key: row for key, row in done.items() if "top1_flipped" in row}
 
     def rows_for(variant_names: list[str], budgets: list[float]) -> list[dict]:
         for name in variant_names:
             evit.apply_patch(model, **VARIANTS[name])
             for r in budgets:  # an earlier row counts if this library plans the same keep rates for it
                 row = done.get((name, r))
-                plan = model.schedule_for_gmacs(paper_cost[r])
-                if row and (row["keep_rate"], row["stage_rates"]) != (plan.keep_rate, list(plan.stage_rates)):
+                if row and (row["keep_rate"], row["stage_rates"]) != _planned(model, paper_cost[r]):
                     del done[name, r]
             todo = {r: paper_cost[r] for r in budgets if (name, r) not in done}
-            for row in run_variant(model, VARIANTS[name], todo, images, labels, args.batch_size) if todo else []:
+            new = run_variant(model, VARIANTS[name], todo, images, labels, args.batch_size, args.flip) if todo else []
+            for row in new:
                 done[name, row["budget_keep_rate"]] = {"variant": name, "options": VARIANTS[name], **row}
                 print(f"{name:>22} @ {row['budget_keep_rate']:g}: top-1 {100 * row['top1']:.1f}% "
                       f"at {row['gmacs']:.3f} GMACs", flush=True)
-        return [done[name, r] for name in variant_names for r in budgets]
+        return [done[name, r] for name in variant_names for r in budgets if (name, r) in done]
 
     table_rows = rows_for(names, args.budgets)
     table_rows.sort(key=lambda r: -r["budget_keep_rate"])
@@ -197,13 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     results = {
         "tool": "evit.compare", "model": args.model, "weights": str(args.checkpoint), "images": str(args.images),
-        "num_images": len(items), "full": {"top1": full["top1"], "top5": full["top5"], "gmacs": full["gmacs"]},
+        "num_images": len(items), "full": full,
         "rows": table_rows, "curve": curve_rows,
     }
     (args.out / "compare.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown_table(table_rows, full["top1"])
+    table = markdown_table(table_rows, full)
     if curve_rows:
-        table += "\n" + curve_table(curve_rows)
+        table += "\n" + curve_table(curve_rows, curve_names)
     (args.out / "compare.md").write_text(table)
     if curve_rows:
         title = f"{args.model}, {len(items)} images: top-1 at the paper rule's GMACs"

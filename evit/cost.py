@@ -2,11 +2,13 @@
 
 GMACs follow the paper's "GFLOPs" convention (multiply-accumulates of the matmuls and the patch-embedding
 convolution; norms, softmax and activations are not counted): DeiT-S is 4.6 at keep 1.0. Every matmul the
-forward runs is counted, including the class-attention row and the fusion sum at pruning blocks, so
+forward runs is counted, including the class-attention row and the fusion sum (fusion "one") or the
+similarity of the tokens not kept to the kept ones (fusion "nearest") at pruning blocks, so
 ``2 * gmacs`` equals what ``torch.utils.flop_counter.FlopCounterMode`` counts for the same forward.
 With a schedule (``evit.schedule``) each block has its own keep rate; with cumulative ranking the class
 row is also computed at every block up to the last one that prunes. Proportional attention's additive
-mask and the normalised fusion weights are elementwise and cost no MACs in this convention.
+mask, the normalised fusion weights and "nearest"'s size-weighted means are elementwise or scatters and cost
+no MACs in this convention.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from evit.reorganize import keep_count
+from evit.reorganize import extra_token, keep_count
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,7 @@ class CostSpec:
 
 
 def rate_tokens(
-    num_patches: int, num_prefix_tokens: int, rates: Sequence[float], fuse: bool
+    num_patches: int, num_prefix_tokens: int, rates: Sequence[float], fusion: str
 ) -> list[tuple[int, int, bool]]:
     """Per block, given its keep rate (1.0: no pruning): (tokens into attention, tokens into the MLP,
     whether it pruned), prefix tokens included."""
@@ -82,7 +84,7 @@ def rate_tokens(
         if rate < 1.0:
             k = keep_count(rate, n)
             if k < n:
-                n = k + (1 if fuse else 0)
+                n = k + extra_token(fusion, k, n)
         out.append((P + n_in, P + n, k < n_in))
     return out
 
@@ -93,30 +95,34 @@ def block_tokens(
     num_prefix_tokens: int,
     prune_blocks: tuple[int, ...],
     keep_rate: float,
-    fuse: bool,
+    fusion: str,
 ) -> list[tuple[int, int, bool]]:
     """Per block: (tokens into attention, tokens into the MLP, whether it pruned), prefix tokens included."""
     rates = [keep_rate if i in prune_blocks else 1.0 for i in range(depth)]
-    return rate_tokens(num_patches, num_prefix_tokens, rates, fuse)
+    return rate_tokens(num_patches, num_prefix_tokens, rates, fusion)
 
 
 def spec_cost(
-    spec: CostSpec, keep_rate: float, rates: Sequence[float], fuse: bool, cumulative: bool = False
+    spec: CostSpec, keep_rate: float, rates: Sequence[float], fusion: str, cumulative: bool = False
 ) -> Cost:
     """Tokens per block and GMACs per image for one keep rate per block (``rates``).
 
-    ``cumulative``: the class-attention row is computed at every block up to the last that prunes.
+    ``fusion``: ``evit.reorganize.FUSIONS``; ``cumulative``: the class-attention row is computed at every
+    block up to the last that prunes.
     """
     P = spec.num_prefix_tokens
-    schedule = rate_tokens(spec.num_patches, P, rates, fuse)
+    schedule = rate_tokens(spec.num_patches, P, rates, fusion)
     last = max((i for i, (_, _, pruned) in enumerate(schedule) if pruned), default=-1)
     macs = spec.fixed_macs
     for i, ((per_token, width, mlp), (n_attn, n_mlp, pruned)) in enumerate(zip(spec.blocks, schedule, strict=True)):
         macs += n_attn * per_token + 2 * n_attn * n_attn * width  # projections; q @ k^T and attn @ v
         if pruned or (cumulative and i <= last):
             macs += n_attn * width  # the class-attention row
-        if pruned and fuse:
+        if pruned and fusion == "one":
             macs += (n_attn - P) * spec.embed_dim  # the attention-weighted fusion sum
+        if pruned and fusion == "nearest":
+            kept = n_mlp - P
+            macs += (n_attn - P - kept) * kept * spec.embed_dim  # cosine similarity: tokens not kept x kept
         macs += n_mlp * mlp
     return Cost(keep_rate=keep_rate, tokens=tuple(t for t, _, _ in schedule), gmacs=macs / 1e9)
 
@@ -125,5 +131,5 @@ def model_cost(model: nn.Module, keep_rate: float) -> Cost:
     """Tokens per block and GMACs per image of ``model`` (an EViT-patched timm ViT) at ``keep_rate``."""
     cfg = model.evit_cfg
     return spec_cost(
-        CostSpec.from_model(model), keep_rate, model.block_rates(keep_rate), cfg.fuse, cfg.ranking == "cumulative"
+        CostSpec.from_model(model), keep_rate, model.block_rates(keep_rate), cfg.fusion, cfg.ranking == "cumulative"
     )

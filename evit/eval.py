@@ -211,8 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     fuse.add_argument("--fuse-ablation", action="store_true", help="rows with and without fusion")
     p.add_argument("--prune-blocks", type=_blocks, help="0-based block indices (default: the schedule's)")
     opts = p.add_argument_group("training-free options (docs/accuracy.md; defaults: the paper's rule)")
-    opts.add_argument("--schedule", default="paper", help="paper | every (the paper's GMACs at each keep rate)")
+    opts.add_argument("--schedule", default="paper", help="paper | every | every-from-3 (the paper rule's GMACs)")
     opts.add_argument("--fuse-weight", default="attention", choices=["attention", "mean"])
+    opts.add_argument("--fuse-into", default="one", choices=["one", "nearest"], help="one extra token or nearest kept")
     opts.add_argument("--size-attn", action="store_true", help="proportional attention for fused tokens")
     opts.add_argument("--ranking", default="block", choices=["block", "cumulative"])
     p.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON timm kwargs, e.g. '{\"img_size\": 32}'")
@@ -227,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def options(args: argparse.Namespace) -> dict:
     """The training-free options given on the command line, as ``create_model`` keywords."""
-    return dict(schedule=args.schedule, fuse_weight=args.fuse_weight, size_attn=args.size_attn, ranking=args.ranking)
+    names = ("schedule", "fuse_weight", "fuse_into", "size_attn", "ranking")
+    return {name: getattr(args, name) for name in names}
 
 
 def main(argv: list[str] | None = None) -> int:

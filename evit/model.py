@@ -25,6 +25,7 @@ def create_model(
     fuse_weight: str = "attention",
     size_attn: bool = False,
     ranking: str = "block",
+    fuse_into: str = "one",
     **timm_kwargs: Any,
 ) -> nn.Module:
     """A timm ViT (``name`` is a timm architecture) with EViT token reorganization.
@@ -34,8 +35,9 @@ def create_model(
     (default: the paper's 1/4, 2/4, 3/4 of the depth - DeiT-S: 3, 6, 9); ``fuse=False`` drops inattentive
     tokens instead of fusing them; ``keep_rate`` is the default for calls that give none.
     Training-free options (defaults: the paper's rule; measured in docs/accuracy.md): ``schedule`` ("paper",
-    "every" or a ``Schedule``), ``fuse_weight`` ("attention" or "mean"), ``size_attn``, ``ranking``
-    ("block" or "cumulative"). ``evit.ACCURATE`` holds the measured best off-the-shelf combination.
+    "every", "every-from-3" or a ``Schedule``), ``fuse_weight`` ("attention" or "mean"), ``fuse_into``
+    ("one" or "nearest"), ``size_attn``, ``ranking`` ("block" or "cumulative"). ``evit.ACCURATE`` holds the
+    measured best off-the-shelf combination.
     """
     if checkpoint_path is not None:
         model = timm.create_model(name, pretrained=False, **timm_kwargs)
@@ -44,8 +46,8 @@ def create_model(
         model = build_pretrained(name, **timm_kwargs)
     else:
         model = timm.create_model(name, pretrained=False, **timm_kwargs)
-    options = dict(schedule=schedule, fuse_weight=fuse_weight, size_attn=size_attn, ranking=ranking)
-    return apply_patch(model, prune_blocks=prune_blocks, fuse=fuse, keep_rate=keep_rate, **options)
+    options = dict(schedule=schedule, fuse_weight=fuse_weight, fuse_into=fuse_into, size_attn=size_attn)
+    return apply_patch(model, prune_blocks=prune_blocks, fuse=fuse, keep_rate=keep_rate, ranking=ranking, **options)
 
 
 def data_config(model: nn.Module) -> dict[str, Any]:

@@ -29,6 +29,7 @@ _ATTN_PARTS = ("qkv", "q_norm", "k_norm", "proj", "num_heads", "head_dim", "scal
 
 
 FUSE_WEIGHTS = ("attention", "mean")
+FUSE_INTO = ("one", "nearest")
 RANKINGS = ("block", "cumulative")
 
 
@@ -40,6 +41,7 @@ class EViTConfig:
     fuse: bool = True  # fuse inattentive tokens into one (False: drop them, the paper's ablation)
     keep_rate: float = 1.0  # default keep rate when a call gives none
     fuse_weight: str = "attention"  # "attention": sum weighted by class attention (official); "mean": weighted mean
+    fuse_into: str = "one"  # "one": one extra token (official); "nearest": each into its most similar kept token
     size_attn: bool = False  # proportional attention: log(patches a token stands for) added to its logits
     ranking: str = "block"  # "block": the pruning block's class attention; "cumulative": summed since block 0
     schedule: Schedule = field(default_factory=Schedule)  # how a keep rate is split over prune_blocks
@@ -47,6 +49,8 @@ class EViTConfig:
     def __post_init__(self) -> None:
         if self.fuse_weight not in FUSE_WEIGHTS:
             raise ValueError(f"fuse_weight must be one of {FUSE_WEIGHTS}, got {self.fuse_weight!r}")
+        if self.fuse_into not in FUSE_INTO:
+            raise ValueError(f"fuse_into must be one of {FUSE_INTO}, got {self.fuse_into!r}")
         if self.ranking not in RANKINGS:
             raise ValueError(f"ranking must be one of {RANKINGS}, got {self.ranking!r}")
         weights = self.schedule.weights
@@ -54,6 +58,12 @@ class EViTConfig:
             raise ValueError(
                 f"schedule weights {weights} must be one non-negative number per pruning block {self.prune_blocks}"
             )
+
+
+    @property
+    def fusion(self) -> str:
+        """What becomes of the tokens not kept (``evit.reorganize.FUSIONS``): "one", "nearest" or "drop"."""
+        return self.fuse_into if self.fuse else "drop"
 
 
 @dataclass
@@ -112,7 +122,7 @@ class EViTMixin:
         perm = None if len(uniq) == 1 else torch.argsort(rate_t, stable=True).to(x.device)
         plan = {r: self.block_rates(r) for r in uniq_rates}  # requested rate -> keep rate per block
         # blocks where each sample needs the class row: where it prunes (cumulative ranking: up to the last)
-        pruned = {r: _pruning_blocks(self.num_patches, P, plan[r], cfg.fuse) for r in uniq_rates}
+        pruned = {r: _pruning_blocks(self.num_patches, P, plan[r], cfg.fusion) for r in uniq_rates}
         if cfg.ranking == "cumulative":
             pruned = {r: set(range(max(b) + 1)) if b else b for r, b in pruned.items()}
 
@@ -149,7 +159,7 @@ class EViTMixin:
         rate = cfg.keep_rate if keep_rate is None else float(keep_rate)
         resolve_keep_rates(rate, 1, 1.0)
         spec = CostSpec.from_model(self)
-        return block_rates(spec, cfg.prune_blocks, cfg.schedule, cfg.fuse, cfg.ranking == "cumulative", rate)
+        return block_rates(spec, cfg.prune_blocks, cfg.schedule, cfg.fusion, cfg.ranking == "cumulative", rate)
 
     def stage_rates(self, keep_rate: float | None = None) -> tuple[float, ...]:
         """What each pruning block (``evit_cfg.prune_blocks``) keeps for a requested keep rate."""
@@ -166,9 +176,9 @@ class EViTMixin:
         return plan_for_gmacs(gmacs, self.cost, self.stage_rates)
 
 
-def _pruning_blocks(num_patches: int, num_prefix_tokens: int, rates: tuple[float, ...], fuse: bool) -> set[int]:
+def _pruning_blocks(num_patches: int, num_prefix_tokens: int, rates: tuple[float, ...], fusion: str) -> set[int]:
     """The blocks where a sample with these per-block keep rates drops tokens."""
-    blocks = rate_tokens(num_patches, num_prefix_tokens, rates, fuse)
+    blocks = rate_tokens(num_patches, num_prefix_tokens, rates, fusion)
     return {i for i, (_, _, pruned) in enumerate(blocks) if pruned}
 
 
@@ -200,6 +210,7 @@ def apply_patch(
     fuse_weight: str = "attention",
     size_attn: bool = False,
     ranking: str = "block",
+    fuse_into: str = "one",
 ) -> nn.Module:
     """Make a timm ViT an EViT model in place: same parameters, ``forward(x, keep_rate)``.
 
@@ -222,7 +233,7 @@ def apply_patch(
         base = base.__mro__[2]
     if base not in _PATCHED:
         _PATCHED[base] = type(f"EViT{base.__name__}", (EViTMixin, base), {})
-    cfg = EViTConfig(blocks, fuse, float(keep_rate), fuse_weight, size_attn, ranking, schedule)  # validates
+    cfg = EViTConfig(blocks, fuse, float(keep_rate), fuse_weight, fuse_into, size_attn, ranking, schedule)  # validates
     model.__class__ = _PATCHED[base]
     model.evit_cfg = cfg
     return model

@@ -5,10 +5,12 @@ heads) ranks the non-prefix tokens; the top ``ceil(keep_rate * n)`` stay and the
 extra token, their sum weighted by that same (unnormalised) attention, as in the official EViT code.
 
 Training-free options (the paper's rule is the default of each): the fused token as the attention-weighted
-*mean* instead of the sum; *proportional attention* (a token stands for ``size`` patches and gets
-``log(size)`` added to its attention logit, as ToMe does); ranking by class attention *accumulated* over the
-blocks so far instead of the pruning block's alone. Per-token state that follows the tokens through a
-reorganization (original patch ids, sizes, accumulated scores) travels in a ``Side``.
+*mean* instead of the sum; *nearest* fusion, each inattentive token merged into the kept token most similar to
+it (cosine similarity; a kept token becomes the size-weighted mean of itself and what it took in, as ToMe
+merges) instead of all into one extra token; *proportional attention* (a token stands for ``size`` patches
+and gets ``log(size)`` added to its attention logit, as ToMe does); ranking by class attention *accumulated*
+over the blocks so far instead of the pruning block's alone. Per-token state that follows the tokens through
+a reorganization (original patch ids, sizes, accumulated scores) travels in a ``Side``.
 
 Samples with different keep rates end up with different token counts. They are kept *packed*: samples
 are ordered by keep rate, and samples with the same token count form a contiguous group, so a packed
@@ -26,12 +28,14 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "FUSIONS",
     "Group",
     "Side",
     "class_attention",
     "fuse_weights",
     "keep_count",
     "merge_adjacent",
+    "merge_nearest",
     "plan_groups",
     "prunes",
     "reorganize",
@@ -43,6 +47,15 @@ __all__ = [
 
 StageRates = dict[float, float] | None  # requested keep rate -> this block's keep rate (None: the same)
 
+# What becomes of the tokens a pruning block does not keep: "one" extra token (the paper), merged into their
+# "nearest" kept token, or "drop"ped. Only "one" adds a token.
+FUSIONS = ("one", "nearest", "drop")
+
+
+def extra_token(fusion: str, kept: int, n: int) -> int:
+    """1 if the reorganization of ``n`` tokens keeping ``kept`` adds a fused token, else 0."""
+    return 1 if fusion == "one" and kept < n else 0
+
 
 def keep_count(keep_rate: float, n: int) -> int:
     """Tokens kept out of ``n``: ``ceil(keep_rate * n)``, at least 1.
@@ -53,16 +66,16 @@ def keep_count(keep_rate: float, n: int) -> int:
     return max(1, min(n, math.ceil(round(keep_rate * n, 9))))
 
 
-def stage_counts(num_patches: int, num_stages: int, keep_rate: float, fuse: bool) -> list[int]:
+def stage_counts(num_patches: int, num_stages: int, keep_rate: float, fusion: str = "one") -> list[int]:
     """Non-prefix token count entering each stage: ``[n_0, n_1, ..., n_S]`` for ``S`` pruning stages.
 
-    ``n_{s+1} = k + 1`` when ``k = keep_count(keep_rate, n_s) < n_s`` and tokens are fused, else ``k``.
+    ``n_{s+1} = k + 1`` when ``k = keep_count(keep_rate, n_s) < n_s`` and fusion is "one", else ``k``.
     """
     counts = [num_patches]
     for _ in range(num_stages):
         n = counts[-1]
         k = keep_count(keep_rate, n)
-        counts.append(k + 1 if (fuse and k < n) else k)
+        counts.append(k + extra_token(fusion, k, n))
     return counts
 
 
@@ -82,7 +95,7 @@ def plan_groups(rate_counts: Sequence[tuple[float, int]], num_tokens: int) -> li
 
 
 def split_group(
-    group: Group, num_prefix_tokens: int, fuse: bool, stage: StageRates = None
+    group: Group, num_prefix_tokens: int, fusion: str, stage: StageRates = None
 ) -> list[tuple[Group, int]]:
     """The subgroups one group splits into at a pruning stage, each with its keep count ``k``.
 
@@ -99,7 +112,7 @@ def split_group(
             last = subs[-1][0]
             subs[-1] = (Group(last.start, last.size + count, last.tokens, (*last.rates, (rate, count))), k)
         else:
-            tokens = num_prefix_tokens + k + (1 if fuse and k < n else 0)
+            tokens = num_prefix_tokens + k + extra_token(fusion, k, n)
             subs.append((Group(start, count, tokens, ((rate, count),)), k))
         start += count
     return subs
@@ -162,6 +175,31 @@ def fuse_weights(cls_attn: torch.Tensor, top_idx: torch.Tensor, normalize: bool 
     return w
 
 
+def merge_nearest(
+    tokens: torch.Tensor, sizes: torch.Tensor | None, keep_idx: torch.Tensor, rest_idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge every token that is not kept into the kept token most similar to it (cosine similarity).
+
+    tokens: b, n, C; sizes: b, n patches each token stands for (None: all 1); keep_idx: b, k; rest_idx:
+    b, r (the other tokens). Each kept token becomes the size-weighted mean of itself and the tokens merged
+    into it, as ToMe merges. Returns the merged kept tokens b, k, C and, per token not kept, the kept slot
+    it went into (b, r).
+    """
+    C = tokens.shape[-1]
+    kept = tokens.gather(1, keep_idx.unsqueeze(-1).expand(-1, -1, C))  # b, k, C
+    rest = tokens.gather(1, rest_idx.unsqueeze(-1).expand(-1, -1, C))  # b, r, C
+    unit = F.normalize(torch.cat([kept, rest], dim=1), dim=-1)
+    k = kept.shape[1]
+    dst = (unit[:, k:] @ unit[:, :k].transpose(1, 2)).argmax(dim=-1)  # b, r: the most similar kept token
+    if sizes is None:
+        sizes = tokens.new_ones(tokens.shape[:2])
+    w_kept = sizes.gather(1, keep_idx).to(tokens.dtype)  # b, k
+    w_rest = sizes.gather(1, rest_idx).to(tokens.dtype)  # b, r
+    slots = dst.unsqueeze(-1).expand(-1, -1, C)  # b, r, C
+    total = (kept * w_kept.unsqueeze(-1)).scatter_add(1, slots, rest * w_rest.unsqueeze(-1))  # b, k, C
+    return total / w_kept.scatter_add(1, dst, w_rest).unsqueeze(-1), dst
+
+
 @dataclass
 class Side:
     """Per-token state that follows the non-prefix tokens of a group through reorganizations (each B, n)."""
@@ -173,19 +211,22 @@ class Side:
     def rows(self, rows: slice) -> Side:
         return Side(*(None if t is None else t[rows] for t in (self.ids, self.sizes, self.scores)))
 
-    def select(self, idx: torch.Tensor, fuse: bool) -> Side:
-        """The state of the kept tokens (``idx``: b, k) plus, with ``fuse``, the fused token's: id -1, the
-        summed sizes and summed scores of the tokens it replaces."""
+    def select(self, idx: torch.Tensor, fusion: str, merged: tuple[torch.Tensor, torch.Tensor] | None = None) -> Side:
+        """The state of the kept tokens (``idx``: b, k). Fusion "one" appends the fused token's: id -1, the
+        summed sizes and scores of the tokens it replaces; "nearest" (``merged``: ``rest`` b, r indices of the
+        tokens not kept and ``dst`` b, r the kept slot each went into) adds theirs to their hosts'."""
 
-        def one(t: torch.Tensor | None, fused_value: torch.Tensor | float | None) -> torch.Tensor | None:
+        def one(t: torch.Tensor | None, fused_value: float | None) -> torch.Tensor | None:
             if t is None:
                 return None
             kept = t.gather(1, idx)  # b, k
-            if not fuse:
+            if fusion == "nearest" and fused_value is None:
+                rest, dst = merged
+                return kept.scatter_add(1, dst, t.gather(1, rest))
+            if fusion != "one":
                 return kept
             if fused_value is None:  # the sum of what is not kept
-                fused_value = t.scatter(1, idx, 0).sum(dim=1, keepdim=True)
-                return torch.cat([kept, fused_value], dim=1)
+                return torch.cat([kept, t.scatter(1, idx, 0).sum(dim=1, keepdim=True)], dim=1)
             return F.pad(kept, (0, 1), value=fused_value)
 
         return Side(one(self.ids, -1), one(self.sizes, None), one(self.scores, None))
@@ -196,18 +237,19 @@ def reorganize(
     cls_attn: torch.Tensor,
     subgroups: Sequence[tuple[int, int, int]],
     num_prefix_tokens: int,
-    fuse: bool,
+    fusion: str,
     side: Side | None = None,
     score: torch.Tensor | None = None,
     normalize: bool = False,
 ) -> tuple[list[torch.Tensor], list[Side]]:
-    """Keep the highest-scoring tokens of each sample and fuse the rest into one token.
+    """Keep the highest-scoring tokens of each sample; fuse the rest (``fusion``: ``FUSIONS``).
 
     x: B, N, C tokens of one group (prefix tokens first); cls_attn: B, N - P class attention to the
-    non-prefix tokens (the fusion weights); score: B, N - P ranking (default: ``cls_attn``); subgroups:
+    non-prefix tokens (fusion "one"'s weights); score: B, N - P ranking (default: ``cls_attn``); subgroups:
     ``(start, size, k)`` runs of samples with ``k`` tokens to keep (ascending ``k``); side: the tokens'
-    per-token state; normalize: fuse into the weighted mean instead of the weighted sum. Returns, per
-    subgroup, its new tokens ``size, P + k (+1), C`` and their state.
+    per-token state (fusion "nearest" weighs tokens by ``side.sizes``); normalize: fuse into the weighted
+    mean instead of the weighted sum. Returns, per subgroup, its new tokens ``size, P + k (+1), C`` and
+    their state.
     """
     P = num_prefix_tokens
     side = side or Side()
@@ -217,7 +259,10 @@ def reorganize(
         return [x], [side]
     tokens = x[:, P:]  # B, n, C
     rank = cls_attn if score is None else score
-    top_idx = rank.topk(k_max, dim=1, largest=True, sorted=True).indices  # B, k_max
+    if fusion == "nearest":  # every token in rank order: the kept ones first, then the rest
+        top_idx = rank.argsort(dim=1, descending=True, stable=True)  # B, n
+    else:
+        top_idx = rank.topk(k_max, dim=1, largest=True, sorted=True).indices  # B, k_max
     out_x: list[torch.Tensor] = []
     out_side: list[Side] = []
     for start, size, k in subgroups:
@@ -227,13 +272,19 @@ def reorganize(
             out_side.append(side.rows(rows))
             continue
         idx = top_idx[rows, :k]  # b, k
-        kept = tokens[rows].gather(1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))  # b, k, C
+        sub_side, merged = side.rows(rows), None
+        if fusion == "nearest":
+            rest = top_idx[rows, k:]  # b, n - k
+            kept, dst = merge_nearest(tokens[rows], sub_side.sizes, idx, rest)
+            merged = (rest, dst)
+        else:
+            kept = tokens[rows].gather(1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))  # b, k, C
         parts = [x[rows, :P], kept]
-        if fuse:
+        if fusion == "one":
             w = fuse_weights(cls_attn[rows], idx, normalize).to(tokens.dtype)  # b, n
             parts.append(torch.bmm(w.unsqueeze(1), tokens[rows]))  # b, 1, C
         out_x.append(torch.cat(parts, dim=1))
-        out_side.append(side.rows(rows).select(idx, fuse))
+        out_side.append(sub_side.select(idx, fusion, merged))
     return out_x, out_side
 
 
@@ -250,5 +301,5 @@ def reorganize_group(
     patch_ids: B, N - P original patch index of each token (-1 for fused ones). Returns, per subgroup,
     its new tokens and its patch ids.
     """
-    xs, sides = reorganize(x, cls_attn, subgroups, num_prefix_tokens, fuse, Side(ids=patch_ids))
+    xs, sides = reorganize(x, cls_attn, subgroups, num_prefix_tokens, "one" if fuse else "drop", Side(ids=patch_ids))
     return xs, [s.ids for s in sides]

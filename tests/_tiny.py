@@ -26,7 +26,7 @@ def tiny_pair(kind: str = "vit", seed: int = 0, **overrides: Any) -> tuple[torch
     spec = dict(ARCHS[kind])
     arch = spec.pop("arch")
     kwargs = {**TINY, **spec}
-    evit_kwargs = {k: overrides.pop(k) for k in ("prune_blocks", "fuse", "keep_rate") if k in overrides}
+    evit_kwargs = {k: overrides.pop(k) for k in ("prune_blocks", "fuse", "fuse_into", "keep_rate") if k in overrides}
     kwargs.update(overrides)
     torch.manual_seed(seed)
     ref = timm.create_model(arch, **kwargs).eval()

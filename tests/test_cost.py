@@ -19,9 +19,10 @@ def counted_gmacs(model, x, keep_rate) -> float:
 
 @pytest.mark.parametrize("kind", sorted(ARCHS))
 @pytest.mark.parametrize("keep_rate", [1.0, 0.9, 0.7, 0.5, 0.3])
-@pytest.mark.parametrize("fuse", [True, False])
-def test_cost_matches_flop_counter(kind, keep_rate, fuse):
-    _, model = tiny_pair(kind, fuse=fuse)
+@pytest.mark.parametrize("fusion", ["one", "nearest", "drop"])
+def test_cost_matches_flop_counter(kind, keep_rate, fusion):
+    _, model = tiny_pair(kind, fuse=fusion != "drop", fuse_into="nearest" if fusion == "nearest" else "one")
+    assert model.evit_cfg.fusion == fusion
     assert model.cost(keep_rate).gmacs == pytest.approx(counted_gmacs(model, images(2), keep_rate), rel=1e-9)
 
 

@@ -10,7 +10,7 @@ from _tiny import TINY, images, tiny_pair
 from test_cost import counted_gmacs
 
 import evit
-from evit.reorganize import Side, class_attention, fuse_weights, reorganize, size_bias
+from evit.reorganize import Side, class_attention, fuse_weights, merge_nearest, reorganize, size_bias
 
 X = torch.tensor([[[100.0], [1.0], [2.0], [3.0], [4.0]]])  # B=1, one prefix token, 4 tokens, C=1
 ATTN = torch.tensor([[0.1, 0.4, 0.2, 0.3]])  # class attention to the 4 tokens: keep tokens 2 and 4
@@ -19,7 +19,7 @@ ATTN = torch.tensor([[0.1, 0.4, 0.2, 0.3]])  # class attention to the 4 tokens: 
 def test_mean_fusion_by_hand():
     w = fuse_weights(ATTN, torch.tensor([[1, 3]]), normalize=True)
     assert w[0].tolist() == pytest.approx([1 / 3, 0.0, 2 / 3, 0.0])
-    (out,), _ = reorganize(X, ATTN, [(0, 1, 2)], 1, True, normalize=True)
+    (out,), _ = reorganize(X, ATTN, [(0, 1, 2)], 1, "one", normalize=True)
     assert out[0, :, 0].tolist() == pytest.approx([100.0, 2.0, 4.0, (0.1 * 1 + 0.2 * 3) / 0.3])
 
 
@@ -27,13 +27,32 @@ def test_sizes_and_scores_follow_the_tokens():
     side = Side(ids=torch.tensor([[0, 1, 2, -1]]), sizes=torch.tensor([[1.0, 2.0, 1.0, 5.0]]),
                 scores=torch.tensor([[0.5, 0.1, 0.9, 0.2]]))
     # rank by the accumulated scores (keep tokens 3 and 1), fuse with this block's attention
-    (out,), (new,) = reorganize(X, ATTN, [(0, 1, 2)], 1, True, side, score=side.scores)
+    (out,), (new,) = reorganize(X, ATTN, [(0, 1, 2)], 1, "one", side, score=side.scores)
     assert out[0, :, 0].tolist() == pytest.approx([100.0, 3.0, 1.0, 0.4 * 2 + 0.3 * 4])
     assert new.ids.tolist() == [[2, 0, -1]]
     assert new.sizes.tolist() == [[1.0, 1.0, 2.0 + 5.0]]  # the fused token stands for every patch it took in
     assert new.scores[0].tolist() == pytest.approx([0.9, 0.5, 0.1 + 0.2])
-    _, (dropped,) = reorganize(X, ATTN, [(0, 1, 2)], 1, False, side, score=side.scores)
+    _, (dropped,) = reorganize(X, ATTN, [(0, 1, 2)], 1, "drop", side, score=side.scores)
     assert dropped.sizes.tolist() == [[1.0, 1.0]] and dropped.ids.tolist() == [[2, 0]]
+
+
+def test_nearest_fusion_by_hand():
+    """Each token not kept joins its most similar kept token (cosine), as a size-weighted mean."""
+    tokens = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [3.0, 0.3], [0.2, 1.0], [4.0, 0.0]]])  # b=1, n=5, C=2
+    sizes = torch.tensor([[1.0, 2.0, 1.0, 3.0, 1.0]])
+    keep, rest = torch.tensor([[0, 1]]), torch.tensor([[2, 3, 4]])
+    merged, dst = merge_nearest(tokens, sizes, keep, rest)
+    assert dst.tolist() == [[0, 1, 0]]  # (3, .3) and (4, 0) point along token 0; (.2, 1) along token 1
+    expected = torch.tensor([[(1 + 3 + 4) / 3, 0.3 / 3], [(0 + 0.2 * 3) / 5, (2 * 2 + 3) / 5]])
+    assert torch.allclose(merged[0], expected)
+    # through reorganize: rank by class attention, keep 2 of 4, sizes and scores follow their hosts
+    x = torch.tensor([[[9.0, 9.0], [1.0, 0.0], [0.0, 1.0], [2.0, 0.1], [0.1, 3.0]]])  # prefix token first
+    side = Side(ids=torch.tensor([[0, 1, 2, 3]]), sizes=torch.tensor([[1.0, 1.0, 2.0, 1.0]]),
+                scores=torch.tensor([[0.4, 0.3, 0.2, 0.1]]))
+    (out,), (new,) = reorganize(x, torch.tensor([[0.4, 0.3, 0.2, 0.1]]), [(0, 1, 2)], 1, "nearest", side)
+    assert torch.allclose(out[0], torch.tensor([[9.0, 9.0], [(1 + 2 * 2) / 3, 0.2 / 3], [0.05, 2.0]]))
+    assert new.ids.tolist() == [[0, 1]] and new.sizes.tolist() == [[3.0, 2.0]]
+    assert new.scores[0].tolist() == pytest.approx([0.6, 0.4])
 
 
 def test_size_bias_and_proportional_class_attention():
@@ -69,6 +88,8 @@ OPTIONS = {
     "accurate": dict(evit.ACCURATE),
     "every_cumulative_size": dict(schedule="every", ranking="cumulative", size_attn=True, fuse_weight="mean"),
     "drop_size": dict(fuse=False, size_attn=True, ranking="cumulative"),
+    "nearest": dict(fuse_into="nearest"),
+    "nearest_cumulative": dict(fuse_into="nearest", ranking="cumulative", schedule="every"),
 }
 
 
@@ -130,6 +151,7 @@ def test_all_options_under_autocast_and_training():
     [
         (dict(fuse_weight="median"), "fuse_weight"),
         (dict(ranking="global"), "ranking"),
+        (dict(fuse_into="all"), "fuse_into"),
         (dict(schedule="fastest"), "unknown schedule"),
         (dict(schedule=evit.Schedule(weights=(1.0, 2.0))), "one non-negative number per pruning block"),
     ],
@@ -146,7 +168,8 @@ def test_evit_eval_takes_the_options(tmp_path):
     write_images(tmp_path / "data" / "b", 3, seed=1)
     args = ["--keep-rates", "1.0,0.5", "--schedule", "every", "--fuse-weight", "mean", "--ranking", "cumulative"]
     out = run_eval(tmp_path, tiny_checkpoint(tmp_path, rigged=False), tmp_path / "data", *args)
-    assert out["options"] == {"schedule": "every", "fuse_weight": "mean", "size_attn": False, "ranking": "cumulative"}
+    assert out["options"] == {"schedule": "every", "fuse_weight": "mean", "fuse_into": "one", "size_attn": False,
+                              "ranking": "cumulative"}
     model = evit.create_model("vit_tiny_patch16_224", **TINY, **out["options"])
     assert [r["gmacs"] for r in out["rows"]] == [model.cost(1.0).gmacs, model.cost(0.5).gmacs]
     assert out["prune_blocks"] == [1, 2, 3]

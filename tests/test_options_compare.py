@@ -17,7 +17,7 @@ def test_variants_run_within_the_papers_budget(tmp_path):
     args = ["--model", "vit_tiny_patch16_224", "--checkpoint", str(tiny_checkpoint(tmp_path, rigged=False)),
             "--images", str(tmp_path / "data"), "--model-kwargs", json.dumps(TINY), "--budgets", "0.7,0.4",
             "--variants", "paper,every+mean,mean+cumulative", "--curve", "0.5", "--cache", str(tmp_path / "c.pt"),
-            "--out", str(out)]
+            "--out", str(out), "--flip"]
     assert compare.main(args) == 0
     res = json.loads((out / "compare.json").read_text())
     paper = evit.create_model("vit_tiny_patch16_224", **TINY)
@@ -27,11 +27,17 @@ def test_variants_run_within_the_papers_budget(tmp_path):
     for r in res["rows"]:
         assert r["gmacs"] <= r["budget_gmacs"] == paper.cost(r["budget_keep_rate"]).gmacs
         assert r["top1"] == pytest.approx(sum(r["top1_halves"]) / 2)  # 6 images: two halves of 3
-    assert [r["variant"] for r in res["curve"]] == ["paper", "every+drop", "every+mean"]
+        assert r["top1_flipped"] in {i / 6 for i in range(7)}  # the mirrored images: a second top-1
+    # the 4-block model's every-from-3 schedule prunes at 2 blocks only: it cannot get as cheap as keep 0.5
+    assert [r["variant"] for r in res["curve"]] == ["paper", "every+drop"]
     table = (out / "compare.md").read_text()
     assert table.count("\n") == 2 + 6 + 1 + 2 + 1 and "| every+mean | schedule=every, fuse_weight=mean | 0.7 |" in table
+    assert "| mirrored: top-1, vs full |" in table.splitlines()[0]
+    first = res["rows"][0]
+    assert table.splitlines()[2].endswith(
+        f" {100 * first['top1_flipped']:.1f}%, {100 * (first['top1_flipped'] - res['full']['top1_flipped']):+.1f} |")
     assert table.endswith(f"| 0.5 | {paper.cost(0.5).gmacs:.3f} | " + " | ".join(
-        f"{100 * r['top1']:.1f}%" for r in res["curve"]) + " |\n")
+        f"{100 * r['top1']:.1f}%" for r in res["curve"]) + " | - |\n")
     assert (out / "compare.png").stat().st_size > 1000 and (tmp_path / "c.pt").exists()
     assert compare.main(args) == 0  # images from the cache
 

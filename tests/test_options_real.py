@@ -6,7 +6,7 @@ from test_real_weights import data, pytestmark, top1  # noqa: F401  (data: a fix
 import evit
 
 
-@pytest.mark.parametrize(("budget_rate", "expected"), [(0.7, 81.6), (0.5, 74.2)])
+@pytest.mark.parametrize(("budget_rate", "expected"), [(0.7, 81.2), (0.5, 81.4)])
 def test_accurate_options_at_the_paper_rules_gmacs(data, budget_rate, expected):  # noqa: F811
     model, x, y = data
     budget = model.cost(budget_rate).gmacs  # the paper rule (the model's default options)

@@ -68,7 +68,7 @@ def test_keep_all_returns_input_unchanged():
 
 def test_groups_split_and_merge():
     g = Group(0, 5, 1 + 16, ((0.5, 2), (0.52, 1), (1.0, 2)))
-    subs = split_group(g, num_prefix_tokens=1, fuse=True)
+    subs = split_group(g, num_prefix_tokens=1, fusion="one")
     # 0.5 and 0.52 both keep ceil(.. * 16) = 8 and 9 -> different; 1.0 keeps all 16, no fused token
     assert [(s.start, s.size, s.tokens, k) for s, k in subs] == [(0, 2, 10, 8), (2, 1, 11, 9), (3, 2, 17, 16)]
     assert prunes(g, 1) and not prunes(Group(0, 2, 17, ((1.0, 2),)), 1)
