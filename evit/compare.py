@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 import evit
-from evit.eval import _keep_rates, evaluate, load_images, load_labels
+from evit.cli import keep_rates
+from evit.eval import evaluate, load_images, load_labels
 
 # name -> create_model options. The paper's rule first; evit.ACCURATE is "every3+nearest+size_attn".
 VARIANTS: dict[str, dict] = {
@@ -169,9 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--images", type=Path, required=True, help="ImageFolder layout or a folder with labels.tsv")
-    p.add_argument("--budgets", type=_keep_rates, default=[0.7, 0.5], help="paper keep rates naming the budgets")
+    p.add_argument("--budgets", type=keep_rates, default=[0.7, 0.5], help="paper keep rates naming the budgets")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
-    p.add_argument("--curve", type=_keep_rates, help="budgets for the curve plot (of --curve-variants)")
+    p.add_argument("--curve", type=keep_rates, help="budgets for the curve plot (of --curve-variants)")
     p.add_argument("--curve-variants", default="paper,every+drop,every3+nearest+size_attn")
     p.add_argument("--flip", action="store_true", help="also top-1 on the mirrored images (a noise check)")
     p.add_argument("--reuse", type=Path, help="an earlier compare.json: rows of the same variants are not rerun")

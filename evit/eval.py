@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 import evit
+from evit import cli
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -181,23 +182,6 @@ def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _keep_rates(text: str) -> list[float]:
-    try:
-        rates = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
-    if not rates or any(not 0.0 < r <= 1.0 for r in rates):
-        raise argparse.ArgumentTypeError(f"keep rates must be in (0, 1]: {text!r}")
-    return rates
-
-
-def _blocks(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of block indices: {text!r}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evit-eval", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
     p.add_argument("--model", required=True, help="timm architecture, e.g. vit_tiny_patch16_224")
@@ -205,17 +189,12 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("--checkpoint", type=Path, help="local .pth/.pt/.safetensors weights")
     weights.add_argument("--pretrained", action="store_true", help="timm's hub weights (needs network)")
     p.add_argument("--images", type=Path, required=True, help="ImageFolder layout or a folder with labels.tsv")
-    p.add_argument("--keep-rates", type=_keep_rates, default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
+    p.add_argument("--keep-rates", type=cli.keep_rates, default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
     fuse = p.add_mutually_exclusive_group()
     fuse.add_argument("--no-fuse", action="store_true", help="drop inattentive tokens instead of fusing them")
     fuse.add_argument("--fuse-ablation", action="store_true", help="rows with and without fusion")
-    p.add_argument("--prune-blocks", type=_blocks, help="0-based block indices (default: the schedule's)")
-    opts = p.add_argument_group("training-free options (docs/accuracy.md; defaults: the paper's rule)")
-    opts.add_argument("--schedule", default="paper", help="paper | every | every-from-3 (the paper rule's GMACs)")
-    opts.add_argument("--fuse-weight", default="attention", choices=["attention", "mean"])
-    opts.add_argument("--fuse-into", default="one", choices=["one", "nearest"], help="one extra token or nearest kept")
-    opts.add_argument("--size-attn", action="store_true", help="proportional attention for fused tokens")
-    opts.add_argument("--ranking", default="block", choices=["block", "cumulative"])
+    p.add_argument("--prune-blocks", type=cli.blocks, help="0-based block indices (default: the schedule's)")
+    cli.add_option_args(p)
     p.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON timm kwargs, e.g. '{\"img_size\": 32}'")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--limit", type=int, help="use only the first N images")
@@ -224,12 +203,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("runs/eval"))
     p.add_argument("--quiet", action="store_true")
     return p
-
-
-def options(args: argparse.Namespace) -> dict:
-    """The training-free options given on the command line, as ``create_model`` keywords."""
-    names = ("schedule", "fuse_weight", "fuse_into", "size_attn", "ranking")
-    return {name: getattr(args, name) for name in names}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                 checkpoint_path=args.checkpoint,
                 prune_blocks=args.prune_blocks,
                 fuse=fuse,
-                **options(args),
+                **cli.options(args),
                 **args.model_kwargs,
             )
             for fuse in fuses
@@ -276,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         "images": str(args.images),
         "num_images": len(items),
         "prune_blocks": list(first.evit_cfg.prune_blocks),
-        "options": options(args),
+        "options": cli.options(args),
         "batch_size": args.batch_size,
         "torch_threads": torch.get_num_threads(),
         "decode_seconds": decode_s,

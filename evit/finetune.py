@@ -28,8 +28,8 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 import evit
+from evit.cli import add_option_args, blocks, options
 from evit.distributed import Dist, amp_dtype
-from evit.eval import _blocks
 
 
 def keep_rate_at(epoch: float, target: float, start_epoch: float, shrink_epochs: float) -> float:
@@ -127,7 +127,8 @@ def train(args: argparse.Namespace) -> dict:
     d = Dist(args.device)
     torch.manual_seed(args.seed)
     model = evit.create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint,
-                              prune_blocks=args.prune_blocks, fuse=not args.no_fuse, **args.model_kwargs)
+                              prune_blocks=args.prune_blocks, fuse=not args.no_fuse, **options(args),
+                              **args.model_kwargs)
     teacher = copy.deepcopy(model).eval().requires_grad_(False).to(d.device) if args.distill > 0 else None
     model.to(d.device).train()
     train_loader, val_loader = loaders(args, model, d)
@@ -230,8 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-rate", type=float, default=0.7, help="target keep rate")
     p.add_argument("--shrink-start-epoch", type=float, default=0, help="keep rate 1.0 before this epoch")
     p.add_argument("--shrink-epochs", type=float, default=0, help="cosine from 1.0 to the target (0: fixed)")
-    p.add_argument("--prune-blocks", type=_blocks, help="0-based block indices (default: the paper's)")
+    p.add_argument("--prune-blocks", type=blocks, help="0-based block indices (default: the paper's)")
     p.add_argument("--no-fuse", action="store_true")
+    add_option_args(p)
     p.add_argument("--model-kwargs", type=json.loads, default={}, help='timm kwargs, e.g. \'{"drop_path_rate": 0.1}\'')
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")

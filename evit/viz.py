@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 import evit
+from evit import cli
 
 GREY = (190, 190, 190)  # an inattentive patch
 GAP = 6  # pixels between and around panels
@@ -187,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("--pretrained", action="store_true", help="timm's hub weights (needs network)")
     p.add_argument("--image", type=Path, required=True)
     p.add_argument("--keep-rate", type=float, default=0.7)
-    p.add_argument("--prune-blocks", type=lambda s: [int(v) for v in s.split(",")], help="0-based block indices")
+    p.add_argument("--prune-blocks", type=cli.blocks, help="0-based block indices")
+    cli.add_option_args(p)
     p.add_argument("--no-fuse", action="store_true", help="drop inattentive tokens instead of fusing them")
     p.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON timm kwargs")
     p.add_argument("--response", type=Path, help="draw the stages from a saved service answer (return_tokens=true)")
@@ -207,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint_path=None if args.response else args.checkpoint,
             prune_blocks=args.prune_blocks,
             fuse=not args.no_fuse,
+            **cli.options(args),
             **args.model_kwargs,
         )
         image = Image.open(args.image)

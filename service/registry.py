@@ -76,6 +76,7 @@ class HostedModel:
             "num_patches": int(self.model.num_patches),
             "prune_blocks": tuple(self.model.evit_cfg.prune_blocks),
             "fuse": bool(self.model.evit_cfg.fuse),
+            "fusion": self.model.evit_cfg.fusion,
             "default_keep_rate": self.default_keep_rate,
             "weights": self.spec.weights,
             "random_weights": self.spec.random_weights,

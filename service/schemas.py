@@ -48,6 +48,8 @@ class ModelInfo(BaseModel):
     num_patches: int
     prune_blocks: tuple[int, ...]
     fuse: bool
+    fusion: str = Field(description="what becomes of the tokens a pruning block does not keep: 'one' fused token "
+                        "(the paper), merged into their 'nearest' kept token, or 'drop'ped")
     default_keep_rate: float
     weights: str = Field(description="'hub', 'random' or the checkpoint path")
     random_weights: bool = Field(description="true: predictions are meaningless")

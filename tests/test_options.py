@@ -135,8 +135,13 @@ def test_size_attn_fused_and_explicit_attention_agree():
         assert torch.allclose(model(x, rates), fused, atol=1e-5)
 
 
-def test_all_options_under_autocast_and_training():
-    _, model = pair("vit", schedule="every", fuse_weight="mean", size_attn=True, ranking="cumulative")
+@pytest.mark.parametrize(
+    "options",
+    [dict(schedule="every", fuse_weight="mean", size_attn=True, ranking="cumulative"), evit.ACCURATE],
+    ids=["every_mean_size_cumulative", "accurate"],
+)
+def test_all_options_under_autocast_and_training(options):
+    _, model = pair("vit", **options)
     x = images(4)
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x, torch.tensor([0.5, 0.7, 1.0, 0.3]))
@@ -173,3 +178,19 @@ def test_evit_eval_takes_the_options(tmp_path):
     model = evit.create_model("vit_tiny_patch16_224", **TINY, **out["options"])
     assert [r["gmacs"] for r in out["rows"]] == [model.cost(1.0).gmacs, model.cost(0.5).gmacs]
     assert out["prune_blocks"] == [1, 2, 3]
+
+
+def test_option_flags_of_the_tools():
+    from evit import cli, eval, finetune, viz
+
+    required = ["--model", "m", "--pretrained", "--images", "i", "--train", "t", "--image", "i"]
+    for tool in (eval, finetune, viz):
+        def parse(*flags, parser=tool.build_parser):
+            return parser().parse_known_args([*required, *flags])[0]
+
+        assert cli.options(parse()) == cli.DEFAULT_OPTIONS
+        assert cli.options(parse("--accurate")) == {**cli.DEFAULT_OPTIONS, **evit.ACCURATE}
+        assert cli.options(parse("--accurate", "--schedule", "every", "--ranking", "cumulative")) == {
+            **cli.DEFAULT_OPTIONS, **evit.ACCURATE, "schedule": "every", "ranking": "cumulative"}
+    _, model = pair("vit", **cli.DEFAULT_OPTIONS)  # the defaults are create_model's: the paper's rule
+    assert model.evit_cfg == pair("vit")[1].evit_cfg

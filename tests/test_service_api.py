@@ -12,6 +12,8 @@ import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+import evit
+
 pytestmark = pytest.mark.anyio
 
 
@@ -235,10 +237,14 @@ async def test_client_gone_is_dropped_before_inference(serve, tiny_settings, ima
         assert metric(text, "evit_requests_total", model="tiny", code="499") == 1
 
 
-async def test_mixed_rates_share_a_batch_and_match_solo(serve, tiny_settings, image_bytes) -> None:
+@pytest.mark.parametrize("options", [{}, evit.ACCURATE], ids=["paper", "accurate"])
+async def test_mixed_rates_share_a_batch_and_match_solo(serve, tiny_settings, tiny_model, image_bytes, options) -> None:
     rates = [0.25, 0.5, 0.7, 1.0, 0.5, 0.9]
-    settings = tiny_settings(max_batch_size=8, max_wait_ms=0.0, batch_policy="mixed")  # gate forms the batch
+    model = {**tiny_model, "model_kwargs": {**tiny_model["model_kwargs"], **options}}  # options reach create_model
+    settings = tiny_settings(models=[model], max_batch_size=8, max_wait_ms=0.0, batch_policy="mixed")  # gate: batch
     async with serve(settings) as (app, client):
+        (info,) = (await client.get("/models")).json()["models"]
+        assert info["fusion"] == ("nearest" if options else "one")
         solo = []
         for i, rate in enumerate(rates):
             r = await client.post(f"/classify?keep_rate={rate}&top_k=10", content=image_bytes(seed=i))
@@ -311,6 +317,7 @@ async def test_models_and_openapi(serve, tiny_settings) -> None:
         model = app.state.service.registry.get("tiny").model
         assert m["random_weights"] is True and m["weights"] == "random" and m["input_size"] == [3, 32, 32]
         assert m["prune_blocks"] == list(model.evit_cfg.prune_blocks) and m["num_classes"] == 10
+        assert m["fuse"] is True and m["fusion"] == "one"
         assert m["gmacs"]["0.50"] == pytest.approx(model.cost(0.5).gmacs, abs=1e-4)
         assert m["gmacs"]["1.00"] > m["gmacs"]["0.70"] > m["gmacs"]["0.50"]
         spec = (await client.get("/openapi.json")).json()

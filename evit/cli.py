@@ -1,0 +1,50 @@
+"""Command-line pieces shared by evit-eval, evit-finetune and ``python -m evit.compare``."""
+
+from __future__ import annotations
+
+import argparse
+
+from evit.patch import FUSE_INTO, FUSE_WEIGHTS, RANKINGS
+from evit.schedule import ACCURATE, PRESETS
+
+# create_model's training-free options and their defaults (the paper's rule)
+DEFAULT_OPTIONS = {"schedule": "paper", "fuse_weight": "attention", "fuse_into": "one", "size_attn": False,
+                   "ranking": "block"}
+
+
+def keep_rates(text: str) -> list[float]:
+    """``"1.0,0.7,0.5"`` -> keep rates, each in (0, 1]."""
+    try:
+        rates = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
+    if not rates or any(not 0.0 < r <= 1.0 for r in rates):
+        raise argparse.ArgumentTypeError(f"keep rates must be in (0, 1]: {text!r}")
+    return rates
+
+
+def blocks(text: str) -> list[int]:
+    """``"3,6,9"`` -> 0-based block indices."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of block indices: {text!r}") from None
+
+
+def add_option_args(parser: argparse.ArgumentParser) -> None:
+    """The training-free options as flags (docs/accuracy.md); ``options(args)`` turns them into keywords."""
+    opts = parser.add_argument_group("training-free options (docs/accuracy.md; defaults: the paper's rule)")
+    opts.add_argument("--accurate", action="store_true",
+                      help=f"evit.ACCURATE's options {ACCURATE}; the flags below override them")
+    opts.add_argument("--schedule", choices=sorted(PRESETS), help="where tokens are pruned (default: paper)")
+    opts.add_argument("--fuse-weight", choices=FUSE_WEIGHTS, help="the one fused token: sum or mean")
+    opts.add_argument("--fuse-into", choices=FUSE_INTO, help="one extra token (default) or the nearest kept one")
+    opts.add_argument("--size-attn", action="store_true", default=None, help="proportional attention")
+    opts.add_argument("--ranking", choices=RANKINGS, help="class attention of the block (default) or cumulative")
+
+
+def options(args: argparse.Namespace) -> dict:
+    """``create_model`` keywords from ``add_option_args``'s flags: defaults, then --accurate, then each flag."""
+    chosen = {**DEFAULT_OPTIONS, **(ACCURATE if args.accurate else {})}
+    chosen.update({k: getattr(args, k) for k in DEFAULT_OPTIONS if getattr(args, k) is not None})
+    return chosen
