@@ -18,6 +18,7 @@ import timm
 import torch
 
 import evit
+from evit import cli
 
 
 def _time(fn: Callable[[], object], sync: Callable[[], None], clock: Callable[[], float]) -> float:
@@ -36,8 +37,9 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    model = evit.create_model(args.model, checkpoint_path=args.checkpoint).eval().to(device, dtype)
-    plain = timm.create_model(args.model).eval().to(device, dtype)
+    options = {**cli.options(args), **args.model_kwargs}
+    model = evit.create_model(args.model, checkpoint_path=args.checkpoint, **options).eval().to(device, dtype)
+    plain = timm.create_model(args.model, **args.model_kwargs).eval().to(device, dtype)
     plain.load_state_dict(model.state_dict())
     size = evit.data_config(model)["input_size"]
     x = torch.randn(args.batch_size, *size, device=device, dtype=dtype)
@@ -83,6 +85,7 @@ def run(args: argparse.Namespace) -> dict:
     summed_solo = sum(per_image[r] for r in mixed_rates)
     return {
         "model": args.model,
+        "options": cli.options(args),
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "batch_size": args.batch_size,
@@ -124,15 +127,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="deit_small_patch16_224", help="timm architecture")
     p.add_argument("--checkpoint", default=None, help="optional weights (speed does not depend on them)")
+    p.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON timm kwargs, e.g. '{\"img_size\": 32}'")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--keep-rates", type=lambda s: [float(v) for v in s.split(",")], default=[1.0, 0.9, 0.7, 0.5])
-    p.add_argument("--mixed-rates", type=lambda s: [float(v) for v in s.split(",")], default=[0.5, 0.7, 1.0])
+    p.add_argument("--keep-rates", type=cli.keep_rates, default=[1.0, 0.9, 0.7, 0.5])
+    p.add_argument("--mixed-rates", type=cli.keep_rates, default=[0.5, 0.7, 1.0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="wall time, or this process's CPU time (steadier on a shared CPU)")
     p.add_argument("--warmup", type=int, default=2)
+    cli.add_option_args(p)
     p.add_argument("--out", type=Path, default=Path("bench-results.json"), help="JSON output file")
     return p.parse_args(argv)
 
