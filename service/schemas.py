@@ -90,6 +90,7 @@ class ErrorResponse(BaseModel):
 _ERRORS: dict[int, str] = {
     400: "The image could not be decoded (corrupt, truncated or empty).",
     404: "No hosted model has that name.",
+    408: "The request body did not fully arrive within the body timeout (EVIT_BODY_TIMEOUT_S) after its headers.",
     413: "The body is over the byte limit or the image over the pixel limit (checked before decoding).",
     415: "The body is not an image type the service accepts.",
     422: "A parameter is invalid (keep_rate outside (0, 1] or not a number, top_k out of range, ...).",
