@@ -19,11 +19,12 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import evit
 from evit.cli import keep_rates
-from evit.eval import evaluate, load_images, load_labels
+from evit.eval import load_images, load_labels
 
 # name -> create_model options. The paper's rule first; evit.ACCURATE is "every3+nearest+size_attn".
 VARIANTS: dict[str, dict] = {
@@ -71,12 +72,34 @@ def reusable(path: Path, args: argparse.Namespace, num_images: int) -> dict[tupl
     return {(r["variant"], r["budget_keep_rate"]): r for r in rows}
 
 
+def predict(model: nn.Module, images: torch.Tensor, keep_rate: float, batch_size: int) -> torch.Tensor:
+    """Logits for every image at ``keep_rate``: N, classes (float32)."""
+    with torch.inference_mode():
+        return torch.cat([model(images[i : i + batch_size], keep_rate=keep_rate).float()
+                          for i in range(0, len(images), batch_size)])
+
+
+def scores(logits: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor) -> dict:
+    """Top-1/top-5 (also per even/odd half of the images) and closeness to the full model's ``reference``
+    logits: KL(full || variant) averaged over images, and the share of images with the same top-1 class."""
+    hit = (logits.argmax(dim=1) == labels).double()
+    kl = F.kl_div(logits.log_softmax(1), reference.log_softmax(1), log_target=True, reduction="batchmean")
+    return {
+        "top1": hit.mean().item(),
+        "top5": (logits.topk(min(5, logits.shape[1]), dim=1).indices == labels[:, None]).any(1).double().mean().item(),
+        "top1_halves": [hit[0::2].mean().item(), hit[1::2].mean().item()],
+        "kl_to_full": kl.item(),
+        "same_top1_as_full": (logits.argmax(dim=1) == reference.argmax(dim=1)).double().mean().item(),
+    }
+
+
 def run_variant(
     model: nn.Module, options: dict, budgets: dict[float, float], images: torch.Tensor, labels: torch.Tensor,
-    batch_size: int, flip: bool = False,
+    batch_size: int, full: dict[str, torch.Tensor],
 ) -> list[dict]:
-    """One row per budget: ``model`` re-patched with ``options`` at the keep rate that fits the budget;
-    with ``flip`` also top-1 on the mirrored images. A budget below the variant's cheapest schedule has no row."""
+    """One row per budget: ``model`` re-patched with ``options`` at the keep rate that fits the budget.
+    ``full``: the full model's logits ("plain", and "mirrored" for top-1 on the mirrored images too). A budget
+    below the variant's cheapest schedule has no row."""
     evit.apply_patch(model, **options)
     rows = []
     for budget_rate, gmacs in budgets.items():
@@ -85,21 +108,18 @@ def run_variant(
         except ValueError as exc:
             print(f"evit.compare: {options or 'paper'} at {budget_rate:g}: {exc}", file=sys.stderr)
             continue
-        halves = [evaluate({True: model}, images[i::2], labels[i::2], [plan.keep_rate], batch_size)[0] for i in (0, 1)]
-        n = [h["images"] for h in halves]
-        if flip:
-            mirrored = evaluate({True: model}, images.flip(-1), labels, [plan.keep_rate], batch_size)[0]
-        rows.append({
+        row = {
             "budget_keep_rate": budget_rate,
             "budget_gmacs": gmacs,
             "keep_rate": plan.keep_rate,
             "stage_rates": list(plan.stage_rates),
             "gmacs": plan.cost.gmacs,
-            "top1": sum(h["top1"] * k for h, k in zip(halves, n, strict=True)) / sum(n),
-            "top5": sum(h["top5"] * k for h, k in zip(halves, n, strict=True)) / sum(n),
-            "top1_halves": [h["top1"] for h in halves],
-            **({"top1_flipped": mirrored["top1"]} if flip else {}),
-        })
+            **scores(predict(model, images, plan.keep_rate, batch_size), labels, full["plain"]),
+        }
+        if "mirrored" in full:
+            mirrored = predict(model, images.flip(-1), plan.keep_rate, batch_size)
+            row["top1_flipped"] = scores(mirrored, labels, full["mirrored"])["top1"]
+        rows.append(row)
     return rows
 
 
@@ -107,15 +127,16 @@ def markdown_table(rows: list[dict], full: dict) -> str:
     flip = "top1_flipped" in full
     lines = [
         "| variant | options | budget: paper at | keep rate asked | GMACs | top-1 | vs full | top-1 even / odd half |"
-        + (" mirrored: top-1, vs full |" if flip else ""),
-        "|:---|:---|---:|---:|---:|---:|---:|---:|" + ("---:|" if flip else ""),
+        " KL to full | same top-1 as full |" + (" mirrored: top-1, vs full |" if flip else ""),
+        "|:---|:---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if flip else ""),
     ]
     for r in rows:
         opts = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "(defaults)"
         a, b = r["top1_halves"]
         line = (
             f"| {r['variant']} | {opts} | {r['budget_keep_rate']:g} | {r['keep_rate']:g} | {r['gmacs']:.3f} | "
-            f"{100 * r['top1']:.1f}% | {100 * (r['top1'] - full['top1']):+.1f} | {100 * a:.1f}% / {100 * b:.1f}% |"
+            f"{100 * r['top1']:.1f}% | {100 * (r['top1'] - full['top1']):+.1f} | {100 * a:.1f}% / {100 * b:.1f}% | "
+            f"{r['kl_to_full']:.3f} | {100 * r['same_top1_as_full']:.1f}% |"
         )
         if flip:
             m = r["top1_flipped"]
@@ -202,14 +223,16 @@ def main(argv: list[str] | None = None) -> int:
     labels = torch.tensor([c for _, c in items])
     images = cached_images(items, model, args.cache, args.workers)
     paper_cost = {r: model.cost(r).gmacs for r in sorted({*args.budgets, *(args.curve or [])}, reverse=True)}
-    full = evaluate({True: model}, images, labels, [1.0], args.batch_size)[0]
-    full = {"top1": full["top1"], "top5": full["top5"], "gmacs": full["gmacs"]}
+    logits = {"plain": predict(model, images, 1.0, args.batch_size)}  # the full model (keep 1.0 is timm's)
     if args.flip:
-        full["top1_flipped"] = evaluate({True: model}, images.flip(-1), labels, [1.0], args.batch_size)[0]["top1"]
+        logits["mirrored"] = predict(model, images.flip(-1), 1.0, args.batch_size)
+    full = {**scores(logits["plain"], labels, logits["plain"]), "gmacs": model.cost(1.0).gmacs}
+    if args.flip:
+        full["top1_flipped"] = scores(logits["mirrored"], labels, logits["mirrored"])["top1"]
 
     done = reusable(args.reuse, args, len(items)) if args.reuse else {}
-    if args.flip:  # rows of a run without --flip lack the mirrored column
-        done = {key: row for key, row in done.items() if "top1_flipped" in row}
+    needed = ("kl_to_full", "top1_flipped") if args.flip else ("kl_to_full",)  # rows of older runs may lack them
+    done = {key: row for key, row in done.items() if all(k in row for k in needed)}
 
     def rows_for(variant_names: list[str], budgets: list[float]) -> list[dict]:
         for name in variant_names:
@@ -219,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                 if row and (row["keep_rate"], row["stage_rates"]) != _planned(model, paper_cost[r]):
                     del done[name, r]
             todo = {r: paper_cost[r] for r in budgets if (name, r) not in done}
-            new = run_variant(model, VARIANTS[name], todo, images, labels, args.batch_size, args.flip) if todo else []
+            new = run_variant(model, VARIANTS[name], todo, images, labels, args.batch_size, logits) if todo else []
             for row in new:
                 done[name, row["budget_keep_rate"]] = {"variant": name, "options": VARIANTS[name], **row}
                 print(f"{name:>22} @ {row['budget_keep_rate']:g}: top-1 {100 * row['top1']:.1f}% "

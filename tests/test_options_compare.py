@@ -28,6 +28,8 @@ def test_variants_run_within_the_papers_budget(tmp_path):
         assert r["gmacs"] <= r["budget_gmacs"] == paper.cost(r["budget_keep_rate"]).gmacs
         assert r["top1"] == pytest.approx(sum(r["top1_halves"]) / 2)  # 6 images: two halves of 3
         assert r["top1_flipped"] in {i / 6 for i in range(7)}  # the mirrored images: a second top-1
+        assert r["kl_to_full"] >= 0 and r["same_top1_as_full"] in {i / 6 for i in range(7)}
+    assert res["full"]["kl_to_full"] == pytest.approx(0, abs=1e-6) and res["full"]["same_top1_as_full"] == 1
     # the 4-block model's every-from-3 schedule prunes at 2 blocks only: it cannot get as cheap as keep 0.5
     assert [r["variant"] for r in res["curve"]] == ["paper", "every+drop"]
     table = (out / "compare.md").read_text()
@@ -50,12 +52,12 @@ def test_rows_of_an_earlier_run_are_reused(tmp_path, monkeypatch):
             "--variants", "paper,every+drop"]
     assert compare.main([*args, "--out", str(tmp_path / "first")]) == 0
     calls = []
-    monkeypatch.setattr(compare, "evaluate", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
-    real = evit.eval.evaluate
+    real = compare.predict
+    monkeypatch.setattr(compare, "predict", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
     first = tmp_path / "first" / "compare.json"
     assert compare.main([*args, "--variants", "paper,every+drop,mean", "--reuse", str(first),
                          "--out", str(tmp_path / "second")]) == 0
-    assert len(calls) == 1 + 2  # the full model, and the new variant on both halves
+    assert len(calls) == 1 + 1  # the full model, and the new variant
     old, new = (json.loads(p.read_text())["rows"] for p in (first, tmp_path / "second" / "compare.json"))
     assert new[:2] == old and new[2]["variant"] == "mean"
 
