@@ -1,7 +1,7 @@
 """Service settings: environment variables (``EVIT_`` prefix) overridden by command-line flags.
 
 Models can be given two ways. The flat flags (``--model``, ``--checkpoint``, ``--random-weights``,
-``--prune-blocks``, ``--keep-rate``) cover the common cases; ``EVIT_MODELS`` (a JSON list of
+``--prune-blocks``, ``--keep-rate``, ``--options``) cover the common cases; ``EVIT_MODELS`` (a JSON list of
 :class:`ModelSpec`) covers everything else, e.g. extra timm arguments for a model, and wins when set.
 """
 
@@ -27,6 +27,8 @@ class ModelSpec(BaseModel):
     weights: str = "hub"
     prune_blocks: tuple[int, ...] | None = None  # 0-based; None: the paper's 1/4, 2/4, 3/4 of the depth
     fuse: bool = True
+    # training-free options: the paper's rule, or evit.ACCURATE (docs/accuracy.md); model_kwargs set any one
+    options: Literal["paper", "accurate"] = "paper"
     keep_rate: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)  # default for requests without one
     model_kwargs: dict[str, Any] = Field(default_factory=dict)  # extra timm.create_model arguments
     labels: list[str] | None = None  # class names; default: ImageNet-1k names for 1000-class models
@@ -60,6 +62,7 @@ class Settings(BaseSettings):
     random_weights: bool = False
     prune_blocks: Annotated[tuple[int, ...] | None, NoDecode] = None  # EVIT_PRUNE_BLOCKS=3,6,9
     keep_rate: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    options: Literal["paper", "accurate"] = "paper"  # EVIT_OPTIONS=accurate: evit.ACCURATE
     models: list[ModelSpec] | None = None  # full form: EVIT_MODELS='[{"arch": ..., "weights": ...}]'
     seed: int = 0  # seeds random weights so replicas agree
 
@@ -173,6 +176,7 @@ class Settings(BaseSettings):
                     weights=weights,
                     prune_blocks=self.prune_blocks,
                     keep_rate=self.keep_rate,
+                    options=self.options,
                 )
             )
         return specs
@@ -198,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="random weights instead of the hub's (predictions are meaningless; flagged in /models)")
     add("--prune-blocks", metavar="I,J,K", help="0-based blocks that prune (default: 1/4, 2/4, 3/4 of the depth)")
     add("--keep-rate", type=float, help="default keep rate for requests that give none (default 1.0)")
+    add("--options", choices=["paper", "accurate"],
+        help="paper: EViT's rule (default); accurate: evit.ACCURATE, more top-1 at each keep rate's GMACs")
     add("--device", help="auto | cpu | cuda | cuda:N")
     add("--host")
     add("--port", type=int)
@@ -231,6 +237,6 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     if "prune_blocks" in overrides:
         overrides["prune_blocks"] = _split_commas(overrides["prune_blocks"])
-    if {"model", "checkpoint", "random_weights", "prune_blocks", "keep_rate"} & overrides.keys():
+    if {"model", "checkpoint", "random_weights", "prune_blocks", "keep_rate", "options"} & overrides.keys():
         overrides["models"] = None  # flat model flags replace EVIT_MODELS
     return Settings(**overrides)

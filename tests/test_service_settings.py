@@ -54,6 +54,30 @@ def test_several_models_and_full_specs(monkeypatch) -> None:
     assert spec.name == "vit_tiny_patch16_224"
 
 
+def test_accurate_options_reach_the_model(monkeypatch) -> None:
+    tiny = {"img_size": 32, "patch_size": 8, "depth": 4, "embed_dim": 32, "num_heads": 2}
+    monkeypatch.setenv("EVIT_OPTIONS", "accurate")
+    monkeypatch.setenv("EVIT_MODELS", json.dumps([
+        {"name": "a", "arch": "vit_tiny_patch16_224", "weights": "random", "options": "accurate", "model_kwargs": tiny},
+        {"name": "b", "arch": "vit_tiny_patch16_224", "weights": "random", "options": "accurate",
+         "model_kwargs": {**tiny, "schedule": "paper"}},  # model_kwargs override single options
+        {"name": "p", "arch": "vit_tiny_patch16_224", "weights": "random", "model_kwargs": tiny},
+    ]))
+    registry = load_registry(parse_settings([]))
+    cfg = {name: registry.get(name).model.evit_cfg for name in ("a", "b", "p")}
+    assert cfg["a"] == evit.create_model("vit_tiny_patch16_224", **tiny, **evit.ACCURATE).evit_cfg
+    assert (cfg["b"].fusion, cfg["b"].prune_blocks, cfg["b"].size_attn) == ("nearest", (1, 2, 3), True)
+    assert (cfg["p"].fusion, cfg["p"].size_attn) == ("one", False)
+    assert registry.get("p").info()["fusion"] == "one" and registry.get("a").info()["fusion"] == "nearest"
+    monkeypatch.delenv("EVIT_MODELS")
+    (spec,) = parse_settings(["--random-weights"]).model_specs()  # the flat form: EVIT_OPTIONS / --options
+    assert spec.options == "accurate"
+    assert parse_settings(["--options", "paper"]).model_specs()[0].options == "paper"
+    monkeypatch.setenv("EVIT_OPTIONS", "fastest")
+    with pytest.raises(ValidationError):
+        parse_settings([])
+
+
 @pytest.mark.parametrize("argv", [
     ["--keep-rate", "0"], ["--keep-rate", "1.5"], ["--keep-rate", "nan"], ["--device", "tpu"],
     ["--max-batch-size", "0"], ["--model", "a", "--checkpoint", "x", "--checkpoint", "y"],
