@@ -3,7 +3,10 @@
 ``POST /v2/models/{name}/infer`` takes the images as one BYTES input (shape ``[N]``): in JSON, each
 element is the base64 of an encoded image; with the binary tensor data extension (what Triton's clients
 and perf_analyzer send), the JSON header is followed by the raw elements, each prefixed by its 4-byte
-little-endian length. Request parameters: ``keep_rate`` (in (0, 1], default the model's) and ``top_k``.
+little-endian length. Request parameters: ``keep_rate`` (in (0, 1] or ``"auto"``, default the model's),
+``top_k``, and the scheduling parameters of ``/classify``: ``min_keep_rate``, ``deadline_ms`` (also the
+``X-Deadline-Ms`` header; the smaller counts) and ``priority``; every image of the request is scheduled
+with them. The answer's parameters give ``keep_rate`` (the first image's) and ``keep_rates`` (each one's).
 Outputs (all by default, or those the request names): ``probabilities`` FP32 ``[N, k]``, ``classes``
 INT64 ``[N, k]``, ``labels`` BYTES ``[N, k]``, ``tokens`` INT64 ``[N]``; answers are always JSON.
 """
@@ -23,6 +26,7 @@ from pydantic import ValidationError
 from service.errors import ApiError
 from service.registry import HostedModel
 from service.runtime import Answer, Service, ServiceDep
+from service.scheduler import PRIORITIES, Ask
 from service.schemas import (
     V2InferRequest,
     V2InferResponse,
@@ -96,7 +100,8 @@ async def infer(model_name: str, request: Request, svc: ServiceDep, version: str
     body = await read_body(request, svc.settings.max_body_bytes)
     req, binary = _parse(body, request.headers.get(HEADER_LENGTH))
     params = req.parameters or {}
-    keep_rate = _keep_rate(params.get("keep_rate"))
+    ask = _ask(params, request.headers.get("x-deadline-ms"))
+    keep_rate = None if ask.auto else _keep_rate(params.get("keep_rate"))
     top_k = _int_param(params.get("top_k", 5), "top_k", 1, min(hosted.num_classes, svc.settings.max_top_k))
     images = _images(req, binary)
     if len(images) > svc.settings.queue_size:
@@ -106,10 +111,11 @@ async def infer(model_name: str, request: Request, svc: ServiceDep, version: str
     unknown = sorted(set(wanted) - set(OUTPUTS))
     if unknown:
         raise ApiError(422, f"unknown outputs {unknown}; this model has {list(OUTPUTS)}", "invalid_parameter")
-    answers = await _run(svc, request, hosted, keep_rate, top_k, images)
+    answers = await _run(svc, request, hosted, keep_rate, top_k, images, ask)
     return V2InferResponse(
         model_name=hosted.name, model_version=VERSION, id=req.id,
-        parameters={"keep_rate": answers[0].keep_rate, "batch_sizes": [a.result.batch_size for a in answers]},
+        parameters={"keep_rate": answers[0].keep_rate, "keep_rates": [a.keep_rate for a in answers],
+                    "batch_sizes": [a.result.batch_size for a in answers]},
         outputs=[_output(name, answers, top_k) for name in wanted],
     )
 
@@ -138,12 +144,37 @@ def _parse(body: bytes, header_length: str | None) -> tuple[V2InferRequest, byte
         raise ApiError(422, f"not an inference request: {problems}", "invalid_parameter") from e
 
 
-def _keep_rate(value: Any) -> float | None:
+def _keep_rate(value: Any, name: str = "keep_rate") -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not (0.0 < value <= 1.0):
-        raise ApiError(422, f"parameter keep_rate must be a number in (0, 1], got {value!r}", "invalid_parameter")
+        raise ApiError(422, f"parameter {name} must be a number in (0, 1], got {value!r}", "invalid_parameter")
     return float(value)
+
+
+def _deadline(value: Any, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and name == "X-Deadline-Ms":
+        try:
+            value = float(value)
+        except ValueError:
+            value = None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not (0.0 < value < math.inf):
+        raise ApiError(422, f"{name} must be a positive number of milliseconds", "invalid_parameter")
+    return float(value)
+
+
+def _ask(params: dict[str, Any], header: str | None) -> Ask:
+    """The request's scheduling parameters, validated as ``/classify`` validates its query."""
+    priority = params.get("priority", "normal")
+    if priority not in PRIORITIES:
+        raise ApiError(422, f"parameter priority must be one of {list(PRIORITIES)}, got {priority!r}",
+                       "invalid_parameter")
+    deadlines = [d for d in (_deadline(params.get("deadline_ms"), "parameter deadline_ms"),
+                             _deadline(header, "X-Deadline-Ms")) if d is not None]
+    return Ask(params.get("keep_rate") == "auto", _keep_rate(params.get("min_keep_rate"), "min_keep_rate"),
+               min(deadlines) if deadlines else None, priority)
 
 
 def _int_param(value: Any, name: str, low: int, high: int) -> int:
@@ -205,12 +236,12 @@ def _split_binary(chunk: bytes) -> list[bytes]:
 
 
 async def _run(svc: Service, request: Request, hosted: HostedModel, keep_rate: float | None, top_k: int,
-               images: list[bytes]) -> list[Answer]:
+               images: list[bytes], ask: Ask) -> list[Answer]:
     async def one(data: bytes) -> Answer:
         async def read() -> bytes:
             return data
 
-        return await svc.infer(request, hosted, keep_rate, top_k, False, read)
+        return await svc.infer(request, hosted, keep_rate, top_k, False, read, ask)
 
     results = await asyncio.gather(*(one(img) for img in images), return_exceptions=True)
     for r in results:

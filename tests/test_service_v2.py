@@ -111,3 +111,52 @@ async def test_infer_counts_in_metrics(serve, tiny_settings, image_bytes) -> Non
             assert (await client.post("/v2/models/tiny/infer", json=payload)).status_code == 200
         text = (await client.get("/metrics")).text
         assert 'evit_requests_total{code="200",keep_rate="0.70",model="tiny"} 2.0' in text
+
+
+def infer_payload(images: list[bytes], **parameters) -> dict:
+    data = [b64(i) for i in images]
+    return {"parameters": parameters, "inputs": [{"name": "image", "shape": [len(images)], "datatype": "BYTES",
+                                                  "data": data}]}
+
+
+async def test_infer_takes_the_scheduling_parameters(serve, tiny_settings, image_bytes) -> None:
+    from test_scheduling_api import slow_model
+    from test_service_api import metric, until
+
+    images = [image_bytes(seed=1), image_bytes(seed=2)]
+    async with serve(tiny_settings(latency_target_ms=10.0)) as (app, client):
+        model = app.state.service.registry.get("tiny").model
+        r = await client.post("/v2/models/tiny/infer", json=infer_payload(images, keep_rate="auto", deadline_ms=5000))
+        assert r.status_code == 200 and r.json()["parameters"]["keep_rates"] == [1.0, 1.0]  # idle: the full model
+        q = app.state.service.batcher.queues["tiny"]
+        await until(lambda: q.latency.passes >= 1)
+        slow = slow_model(app)  # 50 ms a pass: the 10 ms latency target is out of reach, so auto takes its floor
+        r = await client.post("/v2/models/tiny/infer",
+                              json=infer_payload(images, keep_rate="auto", min_keep_rate=0.5, priority="high"))
+        body = r.json()
+        assert r.status_code == 200 and body["parameters"]["keep_rates"] == [0.5, 0.5]
+        tokens = next(o for o in body["outputs"] if o["name"] == "tokens")["data"]
+        assert tokens == [model.cost(0.5).total_tokens] * 2
+        await until(lambda: q.latency is not slow or slow.passes >= 1)  # learnt from that (fast) batch: undo it
+        slow = slow_model(app)
+        # even an idle model needs 50 ms: a 30 ms deadline is refused at once, by parameter or by header
+        r = await client.post("/v2/models/tiny/infer", json=infer_payload(images[:1], deadline_ms=30))
+        assert r.status_code == 504 and r.json()["error"] == "deadline_unreachable"
+        r = await client.post("/v2/models/tiny/infer", json=infer_payload(images[:1], deadline_ms=5000),
+                              headers={"X-Deadline-Ms": "30"})  # the smaller counts
+        assert r.status_code == 504 and r.json()["error"] == "deadline_unreachable"
+        metrics = (await client.get("/metrics")).text
+        assert metric(metrics, "evit_auto_keep_rate_count", model="tiny", priority="high") == 2
+        assert metric(metrics, "evit_auto_keep_rate_sum", model="tiny", priority="high") == 1.0
+
+
+@pytest.mark.parametrize(("parameters", "headers", "field"), [
+    ({"priority": "urgent"}, {}, "priority"), ({"deadline_ms": 0}, {}, "deadline_ms"),
+    ({"deadline_ms": "soon"}, {}, "deadline_ms"), ({"keep_rate": "automatic"}, {}, "keep_rate"),
+    ({"keep_rate": "auto", "min_keep_rate": 2}, {}, "min_keep_rate"), ({}, {"X-Deadline-Ms": "nan"}, "X-Deadline-Ms"),
+])
+async def test_bad_scheduling_parameters_422(serve, tiny_settings, image_bytes, parameters, headers, field) -> None:
+    async with serve(tiny_settings()) as (_, client):
+        r = await client.post("/v2/models/tiny/infer", json=infer_payload([image_bytes()], **parameters),
+                              headers=headers)
+        assert r.status_code == 422 and field in r.json()["message"], r.text
