@@ -20,10 +20,12 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageOps
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -71,19 +73,47 @@ def distill_loss(
     return (1 - alpha) * ce + alpha * tau * tau * kl
 
 
+def _posterize(img: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:
+    """timm's posterize, keeping 0 bits (a black image, as Pillow before 13 did) where Pillow 13 raises."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def train_transform(model: nn.Module, aa: str | None, reprob: float) -> Callable:
+    """DeiT's training augmentation with timm's transforms at the model's data config.
+
+    timm's RandAugment ("inc1": PosterizeIncreasing) asks for 0 bits at magnitude 10, which DeiT's
+    m9-mstd0.5 reaches about once per 40 posterizes; Pillow 13 refuses that and the epoch dies, so the
+    posterize ops get ``_posterize``.
+    """
+    from timm.data import create_transform
+
+    tf = create_transform(**evit.data_config(model), is_training=True, auto_augment=aa, re_prob=reprob)
+    for t in getattr(tf, "transforms", []):
+        for op in getattr(t, "ops", []):
+            if op.name.startswith("Posterize"):
+                op.aug_fn = _posterize
+    return tf
+
+
 def loaders(args: argparse.Namespace, model: nn.Module, d: Dist) -> tuple[DataLoader, DataLoader | None]:
     from timm.data import create_transform
     from torchvision.datasets import ImageFolder
 
     cfg = evit.data_config(model)
-    train_tf = create_transform(**cfg, is_training=True, auto_augment=args.aa, re_prob=args.reprob)
-    train = ImageFolder(str(args.train), transform=train_tf)
+    train_tf = train_transform(model, args.aa, args.reprob)
+    # class index = position of the folder in sorted order, empty folders included: a subset of the classes
+    # (folders 0000..0999 with some empty) keeps the pretrained head's indices
+    train = ImageFolder(str(args.train), transform=train_tf, allow_empty=True)
     sampler = DistributedSampler(train, d.world, d.rank, shuffle=True, seed=args.seed, drop_last=True)
     kw = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=d.device.type == "cuda")
     train_loader = DataLoader(train, sampler=sampler, drop_last=True, persistent_workers=args.workers > 0, **kw)
     if not args.val:
         return train_loader, None
-    val = ImageFolder(str(args.val), transform=create_transform(**cfg, is_training=False))
+    val = ImageFolder(str(args.val), transform=create_transform(**cfg, is_training=False), allow_empty=True)
     val_sampler = DistributedSampler(val, d.world, d.rank, shuffle=False)  # pads to equal shards
     return train_loader, DataLoader(val, sampler=val_sampler, **kw)
 

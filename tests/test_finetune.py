@@ -134,3 +134,28 @@ def test_torchrun_two_processes_bf16(data, tmp_path):
     (epoch,) = read_jsonl(out / "log.jsonl")
     assert epoch["step"] == 36 // (2 * 4)  # each process sees half of the images per epoch (nearest fusion, DDP)
     evit.create_model(ARCH, checkpoint_path=out / "model.safetensors", **TINY)
+
+
+def test_randaugment_posterize_to_zero_bits_does_not_kill_the_epoch():
+    """timm's RandAugment asks for 0 bits at magnitude 10 (DeiT's m9-mstd0.5 gets there); Pillow 13 refuses."""
+    import random
+
+    import PIL
+    from PIL import Image
+    from timm.data import create_transform
+
+    from evit.finetune import train_transform
+
+    model = evit.create_model(ARCH, **TINY)
+    policy = "rand-m10-n4-mstd0-inc1"  # magnitude 10 every time: posterize keeps 0 bits
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    random.seed(0)
+    np.random.seed(0)
+    tf = train_transform(model, policy, 0.0)
+    out = [tf(img) for _ in range(60)]  # 240 ops of 15: posterize many times
+    assert all(o.shape == (3, 32, 32) and torch.isfinite(o).all() for o in out)
+    if int(PIL.__version__.split(".")[0]) >= 13:  # what the fix is for: timm's own op raises
+        raw = create_transform(**evit.data_config(model), is_training=True, auto_augment=policy, re_prob=0.0)
+        with pytest.raises(ValueError, match="bits"):
+            for _ in range(60):
+                raw(img)
