@@ -28,6 +28,7 @@ from evit import cli
 GREY = (190, 190, 190)  # an inattentive patch
 GAP = 6  # pixels between and around panels
 TITLE_H = 18  # title strip above each panel
+COLUMNS = 6  # panels per row: schedules with many stages (evit.ACCURATE: 10) wrap
 
 
 @dataclass
@@ -128,16 +129,18 @@ def heat(display: np.ndarray, attention: np.ndarray, alpha: float = 0.6) -> np.n
 
 
 def compose(panels: list[tuple[str, np.ndarray]], scale: int) -> Image.Image:
-    """Panels side by side, each magnified ``scale`` times (nearest), with its title above it."""
+    """Panels in rows of up to ``COLUMNS``, each magnified ``scale`` times (nearest), with its title above it."""
     h, w = panels[0][1].shape[:2]
     sw, sh = w * scale, h * scale
-    canvas = Image.new("RGB", (len(panels) * (sw + GAP) + GAP, TITLE_H + sh + GAP), "white")
+    cols = min(len(panels), COLUMNS)
+    rows = -(-len(panels) // cols)
+    canvas = Image.new("RGB", (cols * (sw + GAP) + GAP, rows * (TITLE_H + sh + GAP)), "white")
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default(size=11)
     for i, (title, pixels) in enumerate(panels):
-        x = GAP + i * (sw + GAP)
-        canvas.paste(Image.fromarray(pixels).resize((sw, sh), Image.Resampling.NEAREST), (x, TITLE_H))
-        draw.text((x, 2), title, fill="black", font=font)
+        x, y = GAP + (i % cols) * (sw + GAP), (i // cols) * (TITLE_H + sh + GAP)
+        canvas.paste(Image.fromarray(pixels).resize((sw, sh), Image.Resampling.NEAREST), (x, y + TITLE_H))
+        draw.text((x, y + 2), title, fill="black", font=font)
     return canvas
 
 

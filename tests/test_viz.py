@@ -134,3 +134,12 @@ def test_real_weights_bird(tmp_path):
     assert info["top5"][0]["class_index"] == 10  # brambling
     assert info["greyed_per_stage"][0] == 196 - math.ceil(0.7 * 196)
     assert Image.open(out).size == (5 * (224 + viz.GAP) + viz.GAP, viz.TITLE_H + 224 + viz.GAP)
+
+
+def test_many_stages_wrap_into_rows():
+    panels = [(f"p{i}", np.full((4, 4, 3), 10 * i, dtype=np.uint8)) for i in range(8)]  # e.g. ACCURATE: 6 stages
+    png = viz.compose(panels, scale=2)
+    row = viz.TITLE_H + 8 + viz.GAP
+    assert png.size == (viz.COLUMNS * (8 + viz.GAP) + viz.GAP, 2 * row)
+    x7, y7 = viz.GAP + (7 % viz.COLUMNS) * (8 + viz.GAP), row + viz.TITLE_H  # the 8th panel: 2nd row, 2nd column
+    assert png.getpixel((x7 + 3, y7 + 3)) == (70, 70, 70)
