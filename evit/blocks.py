@@ -156,7 +156,7 @@ def _reorganize(
             new_sides.append(side)
             new_groups.append(g)
             continue
-        if side.sizes is None and (cfg.fusion == "nearest" or (cfg.size_attn and cfg.fusion == "one")):
+        if side.sizes is None and cfg.size_attn and cfg.fusion == "one":  # ("nearest": reorganize does it)
             side = Side(side.ids, torch.ones(g.size, g.tokens - P, device=x.device), side.scores)
         subs = split_group(g, P, cfg.fusion, stage)
         runs = [(s.start - g.start, s.size, k) for s, k in subs]

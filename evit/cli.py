@@ -1,4 +1,4 @@
-"""Command-line pieces shared by evit-eval, evit-finetune and ``python -m evit.compare``."""
+"""Command-line pieces shared by evit-eval, evit-finetune, evit-viz, ``python -m evit.bench`` and ``evit.compare``."""
 
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ def add_option_args(parser: argparse.ArgumentParser) -> None:
     opts.add_argument("--schedule", choices=sorted(PRESETS), help="where tokens are pruned (default: paper)")
     opts.add_argument("--fuse-weight", choices=FUSE_WEIGHTS, help="the one fused token: sum or mean")
     opts.add_argument("--fuse-into", choices=FUSE_INTO, help="one extra token (default) or the nearest kept one")
-    opts.add_argument("--size-attn", action="store_true", default=None, help="proportional attention")
+    opts.add_argument("--size-attn", action=argparse.BooleanOptionalAction, default=None,
+                      help="proportional attention (--no-size-attn: off, also under --accurate)")
     opts.add_argument("--ranking", choices=RANKINGS, help="class attention of the block (default) or cumulative")
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from evit.reorganize import extra_token, keep_count
+from evit.reorganize import check_fusion, extra_token, keep_count
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,7 @@ def rate_tokens(
 ) -> list[tuple[int, int, bool]]:
     """Per block, given its keep rate (1.0: no pruning): (tokens into attention, tokens into the MLP,
     whether it pruned), prefix tokens included."""
+    check_fusion(fusion)
     P, n = num_prefix_tokens, num_patches
     out = []
     for rate in rates:

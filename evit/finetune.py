@@ -20,16 +20,15 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 import evit
+from evit.augment import train_transform
 from evit.cli import add_option_args, blocks, options
 from evit.distributed import Dist, amp_dtype
 
@@ -71,32 +70,6 @@ def distill_loss(
     kl = F.kl_div(F.log_softmax(student / tau, -1), F.log_softmax(teacher / tau, -1), reduction="batchmean",
                   log_target=True)
     return (1 - alpha) * ce + alpha * tau * tau * kl
-
-
-def _posterize(img: Image.Image, bits_to_keep: int, **_: object) -> Image.Image:
-    """timm's posterize, keeping 0 bits (a black image, as Pillow before 13 did) where Pillow 13 raises."""
-    if bits_to_keep >= 8:
-        return img
-    if bits_to_keep <= 0:
-        return img.point(lambda _: 0)
-    return ImageOps.posterize(img, bits_to_keep)
-
-
-def train_transform(model: nn.Module, aa: str | None, reprob: float) -> Callable:
-    """DeiT's training augmentation with timm's transforms at the model's data config.
-
-    timm's RandAugment ("inc1": PosterizeIncreasing) asks for 0 bits at magnitude 10, which DeiT's
-    m9-mstd0.5 reaches about once per 40 posterizes; Pillow 13 refuses that and the epoch dies, so the
-    posterize ops get ``_posterize``.
-    """
-    from timm.data import create_transform
-
-    tf = create_transform(**evit.data_config(model), is_training=True, auto_augment=aa, re_prob=reprob)
-    for t in getattr(tf, "transforms", []):
-        for op in getattr(t, "ops", []):
-            if op.name.startswith("Posterize"):
-                op.aug_fn = _posterize
-    return tf
 
 
 def loaders(args: argparse.Namespace, model: nn.Module, d: Dist) -> tuple[DataLoader, DataLoader | None]:

@@ -214,9 +214,9 @@ def apply_patch(
 ) -> nn.Module:
     """Make a timm ViT an EViT model in place: same parameters, ``forward(x, keep_rate)``.
 
-    ``schedule``: a preset name (``evit.schedule.PRESETS``: "paper", "every") that gives the pruning blocks
-    and how a keep rate is split over them, or a ``Schedule`` for ``prune_blocks``; explicit ``prune_blocks``
-    override a preset's. The other options are ``EViTConfig``'s; every default is the paper's rule.
+    ``schedule``: a preset name (``evit.schedule.PRESETS``: "paper", "every", "every-from-3") that gives the
+    pruning blocks and how a keep rate is split over them, or a ``Schedule`` for ``prune_blocks``; explicit
+    ``prune_blocks`` override a preset's. The other options are ``EViTConfig``'s; every default is the paper's rule.
     """
     _check_compatible(model)
     depth = len(model.blocks)

@@ -27,15 +27,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from evit.merge import merge_nearest
+
 __all__ = [
     "FUSIONS",
     "Group",
     "Side",
+    "check_fusion",
     "class_attention",
     "fuse_weights",
     "keep_count",
     "merge_adjacent",
-    "merge_nearest",
     "plan_groups",
     "prunes",
     "reorganize",
@@ -52,9 +54,15 @@ StageRates = dict[float, float] | None  # requested keep rate -> this block's ke
 FUSIONS = ("one", "nearest", "drop")
 
 
+def check_fusion(fusion: str) -> str:
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+    return fusion
+
+
 def extra_token(fusion: str, kept: int, n: int) -> int:
     """1 if the reorganization of ``n`` tokens keeping ``kept`` adds a fused token, else 0."""
-    return 1 if fusion == "one" and kept < n else 0
+    return 1 if check_fusion(fusion) == "one" and kept < n else 0
 
 
 def keep_count(keep_rate: float, n: int) -> int:
@@ -175,31 +183,6 @@ def fuse_weights(cls_attn: torch.Tensor, top_idx: torch.Tensor, normalize: bool 
     return w
 
 
-def merge_nearest(
-    tokens: torch.Tensor, sizes: torch.Tensor | None, keep_idx: torch.Tensor, rest_idx: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge every token that is not kept into the kept token most similar to it (cosine similarity).
-
-    tokens: b, n, C; sizes: b, n patches each token stands for (None: all 1); keep_idx: b, k; rest_idx:
-    b, r (the other tokens). Each kept token becomes the size-weighted mean of itself and the tokens merged
-    into it, as ToMe merges. Returns the merged kept tokens b, k, C and, per token not kept, the kept slot
-    it went into (b, r).
-    """
-    C = tokens.shape[-1]
-    kept = tokens.gather(1, keep_idx.unsqueeze(-1).expand(-1, -1, C))  # b, k, C
-    rest = tokens.gather(1, rest_idx.unsqueeze(-1).expand(-1, -1, C))  # b, r, C
-    unit = F.normalize(torch.cat([kept, rest], dim=1), dim=-1)
-    k = kept.shape[1]
-    dst = (unit[:, k:] @ unit[:, :k].transpose(1, 2)).argmax(dim=-1)  # b, r: the most similar kept token
-    if sizes is None:
-        sizes = tokens.new_ones(tokens.shape[:2])
-    w_kept = sizes.gather(1, keep_idx).to(tokens.dtype)  # b, k
-    w_rest = sizes.gather(1, rest_idx).to(tokens.dtype)  # b, r
-    slots = dst.unsqueeze(-1).expand(-1, -1, C)  # b, r, C
-    total = (kept * w_kept.unsqueeze(-1)).scatter_add(1, slots, rest * w_rest.unsqueeze(-1))  # b, k, C
-    return total / w_kept.scatter_add(1, dst, w_rest).unsqueeze(-1), dst
-
-
 @dataclass
 class Side:
     """Per-token state that follows the non-prefix tokens of a group through reorganizations (each B, n)."""
@@ -216,20 +199,27 @@ class Side:
         summed sizes and scores of the tokens it replaces; "nearest" (``merged``: ``rest`` b, r indices of the
         tokens not kept and ``dst`` b, r the kept slot each went into) adds theirs to their hosts'."""
 
-        def one(t: torch.Tensor | None, fused_value: float | None) -> torch.Tensor | None:
+        if fusion == "nearest" and merged is None:
+            raise ValueError("fusion 'nearest' needs merged=(rest, dst): where the tokens not kept went")
+
+        def ids(t: torch.Tensor | None) -> torch.Tensor | None:  # a fused token has id -1
             if t is None:
                 return None
             kept = t.gather(1, idx)  # b, k
-            if fusion == "nearest" and fused_value is None:
+            return F.pad(kept, (0, 1), value=-1) if fusion == "one" else kept
+
+        def summed(t: torch.Tensor | None) -> torch.Tensor | None:  # sizes, scores: a token adds up its parts
+            if t is None:
+                return None
+            kept = t.gather(1, idx)  # b, k
+            if fusion == "nearest":
                 rest, dst = merged
                 return kept.scatter_add(1, dst, t.gather(1, rest))
-            if fusion != "one":
-                return kept
-            if fused_value is None:  # the sum of what is not kept
+            if fusion == "one":  # the fused token: the sum of what is not kept
                 return torch.cat([kept, t.scatter(1, idx, 0).sum(dim=1, keepdim=True)], dim=1)
-            return F.pad(kept, (0, 1), value=fused_value)
+            return kept
 
-        return Side(one(self.ids, -1), one(self.sizes, None), one(self.scores, None))
+        return Side(ids(self.ids), summed(self.sizes), summed(self.scores))
 
 
 def reorganize(
@@ -254,6 +244,8 @@ def reorganize(
     P = num_prefix_tokens
     side = side or Side()
     n = x.shape[1] - P
+    if check_fusion(fusion) == "nearest" and side.sizes is None:  # merged tokens must remember their size
+        side = Side(side.ids, x.new_ones(x.shape[0], n, dtype=torch.float32), side.scores)
     k_max = max(k for _, _, k in subgroups)
     if k_max >= n and len(subgroups) == 1:  # nothing to prune in this group
         return [x], [side]

@@ -162,8 +162,8 @@ def hub_offline_if_unreachable(timeout_s: float = 3.0) -> None:
 def build_model(spec: ModelSpec, seed: int) -> nn.Module:
     weights = spec.weights
     options = evit.ACCURATE if spec.options == "accurate" else {}
-    kwargs = dict(prune_blocks=spec.prune_blocks, fuse=spec.fuse, keep_rate=spec.keep_rate, **options)
-    kwargs.update(spec.model_kwargs)
+    kwargs = {"prune_blocks": spec.prune_blocks, "fuse": spec.fuse, "keep_rate": spec.keep_rate, **options,
+              **spec.model_kwargs}
     try:
         if weights == "random":
             torch.manual_seed(seed)

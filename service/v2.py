@@ -101,7 +101,7 @@ async def infer(model_name: str, request: Request, svc: ServiceDep, version: str
     req, binary = _parse(body, request.headers.get(HEADER_LENGTH))
     params = req.parameters or {}
     ask = _ask(params, request.headers.get("x-deadline-ms"))
-    keep_rate = None if ask.auto else _keep_rate(params.get("keep_rate"))
+    keep_rate = None if ask.auto else _keep_rate(params.get("keep_rate"), "keep_rate", auto=True)
     top_k = _int_param(params.get("top_k", 5), "top_k", 1, min(hosted.num_classes, svc.settings.max_top_k))
     images = _images(req, binary)
     if len(images) > svc.settings.queue_size:
@@ -144,18 +144,20 @@ def _parse(body: bytes, header_length: str | None) -> tuple[V2InferRequest, byte
         raise ApiError(422, f"not an inference request: {problems}", "invalid_parameter") from e
 
 
-def _keep_rate(value: Any, name: str = "keep_rate") -> float | None:
+def _keep_rate(value: Any, name: str, auto: bool = False) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not (0.0 < value <= 1.0):
-        raise ApiError(422, f"parameter {name} must be a number in (0, 1], got {value!r}", "invalid_parameter")
+        allowed = 'a number in (0, 1] or "auto"' if auto else "a number in (0, 1]"
+        raise ApiError(422, f"parameter {name} must be {allowed}, got {value!r}", "invalid_parameter")
     return float(value)
 
 
-def _deadline(value: Any, name: str) -> float | None:
+def _deadline(value: Any, name: str, text: bool = False) -> float | None:
+    """Milliseconds: a JSON number, or with ``text`` a header's string."""
     if value is None:
         return None
-    if isinstance(value, str) and name == "X-Deadline-Ms":
+    if text:
         try:
             value = float(value)
         except ValueError:
@@ -172,7 +174,7 @@ def _ask(params: dict[str, Any], header: str | None) -> Ask:
         raise ApiError(422, f"parameter priority must be one of {list(PRIORITIES)}, got {priority!r}",
                        "invalid_parameter")
     deadlines = [d for d in (_deadline(params.get("deadline_ms"), "parameter deadline_ms"),
-                             _deadline(header, "X-Deadline-Ms")) if d is not None]
+                             _deadline(header, "X-Deadline-Ms", text=True)) if d is not None]
     return Ask(params.get("keep_rate") == "auto", _keep_rate(params.get("min_keep_rate"), "min_keep_rate"),
                min(deadlines) if deadlines else None, priority)
 

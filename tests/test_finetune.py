@@ -144,7 +144,7 @@ def test_randaugment_posterize_to_zero_bits_does_not_kill_the_epoch():
     from PIL import Image
     from timm.data import create_transform
 
-    from evit.finetune import train_transform
+    from evit.augment import train_transform
 
     model = evit.create_model(ARCH, **TINY)
     policy = "rand-m10-n4-mstd0-inc1"  # magnitude 10 every time: posterize keeps 0 bits

@@ -10,7 +10,8 @@ from _tiny import TINY, images, tiny_pair
 from test_cost import counted_gmacs
 
 import evit
-from evit.reorganize import Side, class_attention, fuse_weights, merge_nearest, reorganize, size_bias
+from evit.merge import merge_nearest
+from evit.reorganize import Side, class_attention, fuse_weights, reorganize, size_bias
 
 X = torch.tensor([[[100.0], [1.0], [2.0], [3.0], [4.0]]])  # B=1, one prefix token, 4 tokens, C=1
 ATTN = torch.tensor([[0.1, 0.4, 0.2, 0.3]])  # class attention to the 4 tokens: keep tokens 2 and 4
@@ -53,6 +54,22 @@ def test_nearest_fusion_by_hand():
     assert torch.allclose(out[0], torch.tensor([[9.0, 9.0], [(1 + 2 * 2) / 3, 0.2 / 3], [0.05, 2.0]]))
     assert new.ids.tolist() == [[0, 1]] and new.sizes.tolist() == [[3.0, 2.0]]
     assert new.scores[0].tolist() == pytest.approx([0.6, 0.4])
+
+
+def test_nearest_merge_in_half_precision_and_its_guards():
+    # large tokens of large size: float16 sums would overflow (300 * 60 * 5 > 65504); the merge runs in float32
+    tokens = torch.full((1, 6, 4), 300.0, dtype=torch.float16)
+    sizes = torch.full((1, 6), 60.0)
+    merged, _ = merge_nearest(tokens, sizes, torch.tensor([[0]]), torch.tensor([[1, 2, 3, 4, 5]]))
+    assert merged.dtype == torch.float16 and torch.equal(merged, torch.full((1, 1, 4), 300.0, dtype=torch.float16))
+    # reorganize gives tokens their sizes when the caller has none, so a merged token remembers them
+    x = torch.tensor([[[9.0], [1.0], [2.0], [3.0], [4.0]]])
+    _, (side,) = reorganize(x, ATTN, [(0, 1, 2)], 1, "nearest")
+    assert side.sizes.sum().item() == 4.0 and side.sizes.shape == (1, 2)
+    with pytest.raises(ValueError, match="fusion must be one of"):
+        reorganize(x, ATTN, [(0, 1, 2)], 1, True)  # the old boolean is refused, not read as "drop"
+    with pytest.raises(ValueError, match="merged"):
+        Side(ids=torch.tensor([[0, 1, 2, 3]])).select(torch.tensor([[0, 1]]), "nearest")
 
 
 def test_size_bias_and_proportional_class_attention():
@@ -192,5 +209,6 @@ def test_option_flags_of_the_tools():
         assert cli.options(parse("--accurate")) == {**cli.DEFAULT_OPTIONS, **evit.ACCURATE}
         assert cli.options(parse("--accurate", "--schedule", "every", "--ranking", "cumulative")) == {
             **cli.DEFAULT_OPTIONS, **evit.ACCURATE, "schedule": "every", "ranking": "cumulative"}
+        assert cli.options(parse("--no-size-attn", "--accurate"))["size_attn"] is False  # order does not matter
     _, model = pair("vit", **cli.DEFAULT_OPTIONS)  # the defaults are create_model's: the paper's rule
     assert model.evit_cfg == pair("vit")[1].evit_cfg

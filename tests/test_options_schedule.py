@@ -80,6 +80,11 @@ def test_cost_is_monotone_in_the_keep_rate(options):
     assert costs == sorted(costs)
 
 
+def test_fusion_names_are_checked():
+    with pytest.raises(ValueError, match="fusion must be one of"):
+        spec_cost(CostSpec.from_model(_VIT_TINY), 0.7, (1.0,) * 12, True)
+
+
 def test_every_from_third_block():
     model = vit_tiny(**evit.ACCURATE)
     assert model.evit_cfg.prune_blocks == tuple(range(2, 12)) == preset("every-from-3", 12)[0]
