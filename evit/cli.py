@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import inspect
+import json
+from pathlib import Path
 
-from evit.patch import FUSE_INTO, FUSE_WEIGHTS, RANKINGS
+from evit.patch import FUSE_INTO, FUSE_WEIGHTS, RANKINGS, apply_patch
 from evit.schedule import ACCURATE, PRESETS
 
-# create_model's training-free options and their defaults (the paper's rule)
-DEFAULT_OPTIONS = {"schedule": "paper", "fuse_weight": "attention", "fuse_into": "one", "size_attn": False,
-                   "ranking": "block"}
+# create_model's training-free options and their defaults (the paper's rule), as apply_patch declares them
+_PATCH_PARAMS = inspect.signature(apply_patch).parameters
+DEFAULT_OPTIONS = {name: _PATCH_PARAMS[name].default
+                   for name in ("schedule", "fuse_weight", "fuse_into", "size_attn", "ranking")}
 
 
 def keep_rates(text: str) -> list[float]:
@@ -29,6 +33,16 @@ def blocks(text: str) -> list[int]:
         return [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a comma-separated list of block indices: {text!r}") from None
+
+
+def add_model_args(parser: argparse.ArgumentParser, checkpoint_help: str, weights_required: bool = True) -> None:
+    """--model, its weights (--checkpoint or --pretrained) and --model-kwargs (timm keyword arguments)."""
+    parser.add_argument("--model", required=True, help="timm architecture, e.g. vit_tiny_patch16_224")
+    weights = parser.add_mutually_exclusive_group(required=weights_required)
+    weights.add_argument("--checkpoint", type=Path, help=checkpoint_help)
+    weights.add_argument("--pretrained", action="store_true", help="timm's hub weights (needs network)")
+    parser.add_argument("--model-kwargs", type=json.loads, default={},
+                        help="JSON timm kwargs, e.g. '{\"img_size\": 32}' or '{\"drop_path_rate\": 0.1}'")
 
 
 def add_option_args(parser: argparse.ArgumentParser) -> None:

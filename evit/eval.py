@@ -184,10 +184,7 @@ def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evit-eval", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
-    p.add_argument("--model", required=True, help="timm architecture, e.g. vit_tiny_patch16_224")
-    weights = p.add_mutually_exclusive_group(required=True)
-    weights.add_argument("--checkpoint", type=Path, help="local .pth/.pt/.safetensors weights")
-    weights.add_argument("--pretrained", action="store_true", help="timm's hub weights (needs network)")
+    cli.add_model_args(p, "local .pth/.pt/.safetensors weights")
     p.add_argument("--images", type=Path, required=True, help="ImageFolder layout or a folder with labels.tsv")
     p.add_argument("--keep-rates", type=cli.keep_rates, default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
     fuse = p.add_mutually_exclusive_group()
@@ -195,7 +192,6 @@ def build_parser() -> argparse.ArgumentParser:
     fuse.add_argument("--fuse-ablation", action="store_true", help="rows with and without fusion")
     p.add_argument("--prune-blocks", type=cli.blocks, help="0-based block indices (default: the schedule's)")
     cli.add_option_args(p)
-    p.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON timm kwargs, e.g. '{\"img_size\": 32}'")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--limit", type=int, help="use only the first N images")
     p.add_argument("--workers", type=int, default=2, help="threads decoding images")

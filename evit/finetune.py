@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import evit
 from evit.augment import train_transform
-from evit.cli import add_option_args, blocks, options
+from evit.cli import add_model_args, add_option_args, blocks, options
 from evit.distributed import Dist, amp_dtype
 
 
@@ -225,10 +225,7 @@ def _jsonable(values: dict) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evit-finetune", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
-    p.add_argument("--model", required=True, help="timm architecture, e.g. deit_small_patch16_224")
-    weights = p.add_mutually_exclusive_group(required=True)
-    weights.add_argument("--checkpoint", type=Path, help="pretrained .pth/.pt/.safetensors to start from")
-    weights.add_argument("--pretrained", action="store_true", help="timm's hub weights (needs network)")
+    add_model_args(p, "pretrained .pth/.pt/.safetensors to start from")
     p.add_argument("--train", type=Path, required=True, help="ImageFolder: one sub-folder per class")
     p.add_argument("--val", type=Path, help="ImageFolder for top-1 after each epoch (same classes)")
     p.add_argument("--keep-rate", type=float, default=0.7, help="target keep rate")
@@ -237,7 +234,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune-blocks", type=blocks, help="0-based block indices (default: the paper's)")
     p.add_argument("--no-fuse", action="store_true")
     add_option_args(p)
-    p.add_argument("--model-kwargs", type=json.loads, default={}, help='timm kwargs, e.g. \'{"drop_path_rate": 0.1}\'')
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
     p.add_argument("--batch-size", type=int, default=256, help="per process")

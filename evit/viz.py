@@ -185,16 +185,12 @@ def _imagenet_names(num_classes: int) -> dict[int, str] | None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evit-viz", description="Draw which patches each EViT pruning stage keeps.")
-    p.add_argument("--model", required=True, help="timm architecture, e.g. vit_tiny_patch16_224")
-    weights = p.add_mutually_exclusive_group()
-    weights.add_argument("--checkpoint", type=Path, help="local .pth/.pt/.safetensors weights")
-    weights.add_argument("--pretrained", action="store_true", help="timm's hub weights (needs network)")
+    cli.add_model_args(p, "local .pth/.pt/.safetensors weights", weights_required=False)
     p.add_argument("--image", type=Path, required=True)
     p.add_argument("--keep-rate", type=float, default=0.7)
     p.add_argument("--prune-blocks", type=cli.blocks, help="0-based block indices")
     cli.add_option_args(p)
     p.add_argument("--no-fuse", action="store_true", help="drop inattentive tokens instead of fusing them")
-    p.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON timm kwargs")
     p.add_argument("--response", type=Path, help="draw the stages from a saved service answer (return_tokens=true)")
     p.add_argument("--panel-size", type=int, default=224, help="approximate side of each panel in pixels")
     p.add_argument("--out", type=Path, default=Path("runs/viz/viz.png"), help="PNG to write (and a .json beside it)")
@@ -217,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         image = Image.open(args.image)
         if args.response:
-            viz = from_response(json.loads(args.response.read_text()), model_input(model, image)[1])
-            keep_rate = json.loads(args.response.read_text()).get("keep_rate")
+            answer = json.loads(args.response.read_text())
+            viz, keep_rate = from_response(answer, model_input(model, image)[1]), answer.get("keep_rate")
         else:
             viz, keep_rate = visualize(model, image, args.keep_rate), args.keep_rate
     except (ValueError, OSError, KeyError, evit.WeightsError) as exc:
