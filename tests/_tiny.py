@@ -6,10 +6,9 @@ from typing import Any
 
 import timm
 import torch
+from conftest import TINY_KWARGS as TINY
 
 import evit
-
-TINY = dict(img_size=32, patch_size=8, depth=4, embed_dim=32, num_heads=2, num_classes=10)
 
 # name -> extra timm kwargs: class token, distillation token, registers, LayerScale, qk-norm
 ARCHS: dict[str, dict[str, Any]] = {

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import io
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
-import numpy as np
 import pytest
-from PIL import Image
+from _hostile import encode, noise
 
 TINY_KWARGS = dict(img_size=32, patch_size=8, depth=4, embed_dim=32, num_heads=2, num_classes=10)
 TINY_MODEL = {"name": "tiny", "arch": "vit_tiny_patch16_224", "weights": "random", "model_kwargs": TINY_KWARGS}
@@ -45,13 +43,8 @@ def image_bytes() -> Callable[..., bytes]:
 
     def make(fmt: str = "JPEG", size: tuple[int, int] = (48, 40), mode: str = "RGB", seed: int = 0,
              **save: Any) -> bytes:
-        rng = np.random.default_rng(seed)
-        img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8), "RGB")
-        if mode != "RGB":
-            img = img.convert(mode)
-        buf = io.BytesIO()
-        img.save(buf, fmt, **save)
-        return buf.getvalue()
+        img = noise(size, seed)
+        return encode(img if mode == "RGB" else img.convert(mode), fmt, **save)
 
     return make
 

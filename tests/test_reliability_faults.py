@@ -10,8 +10,9 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from _hostile import encode, noise
 from _reliability import LEAK, record
-from test_service_api import metric
+from test_service_api import metric, until
 
 pytestmark = pytest.mark.anyio
 SECRET_PATH = "/srv/models/secret_checkpoint.py"
@@ -46,23 +47,15 @@ async def queued_batch(app, client, n: int, fail) -> tuple[Faults, list]:
     faults = Faults(app, fail)
     queue = app.state.service.batcher.queues["tiny"]
     blocker = asyncio.create_task(client.post("/classify", content=JPEG_BODY))
-    while not faults.sizes:
-        await asyncio.sleep(0.005)
+    await until(lambda: faults.sizes)
     tasks = [asyncio.create_task(client.post("/classify?top_k=3", content=JPEG_BODY)) for _ in range(n)]
-    while len(queue.items) < n:
-        await asyncio.sleep(0.005)
+    await until(lambda: len(queue.items) >= n)
     faults.release.set()
     answers = await asyncio.gather(blocker, *tasks)
     return faults, list(answers)
 
 
-JPEG_BODY = b""
-
-
-@pytest.fixture(autouse=True)
-def _body(image_bytes) -> None:
-    global JPEG_BODY
-    JPEG_BODY = image_bytes()
+JPEG_BODY = encode(noise((48, 40)), "JPEG")  # the image_bytes() fixture's default image
 
 
 async def test_failures_stay_in_their_batch_and_the_worker_survives(serve, tiny_settings) -> None:

@@ -218,10 +218,7 @@ def test_overload(server, factor: int) -> None:
                  - metric(before_text, "evit_requests_total", code=str(code)))
         assert delta == sum(o.status == code for o in outcomes), code
     # healthy afterwards, memory back near the baseline
-    deadline = time.monotonic() + 10
-    while httpx.get(server.url + "/readyz", timeout=5).status_code != 200:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    server.wait_ready(timeout=10)
     assert classify_ok(server)
     time.sleep(1.0)
     growth = server.rss_mb() - rss_before

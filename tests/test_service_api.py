@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import io
-import struct
 import threading
-import zlib
 
 import pytest
+from _hostile import png_declaring
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -24,17 +23,6 @@ def metric(text: str, name: str, **labels: str) -> float:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 return s.value
     return 0.0
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG that declares ``width x height`` pixels but carries almost no data (a decompression bomb's header)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
-    idat = zlib.compress(b"\0" * 1024)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def flat_png(width: int, height: int) -> bytes:
@@ -117,7 +105,7 @@ async def test_error_codes(serve, tiny_settings, image_bytes) -> None:
             (dict(url="/classify?model=nope", content=jpeg), 404, "unknown_model"),
             (dict(url="/nothing-here", content=jpeg), 404, "not_found"),
             (dict(url="/classify", content=b"\x00" * 70_000), 413, "body_too_large"),
-            (dict(url="/classify", content=png_header_only(100_000, 100_000)), 413, "image_too_large"),
+            (dict(url="/classify", content=png_declaring(100_000, 100_000)), 413, "image_too_large"),
             (dict(url="/classify", content=flat_png(1100, 1000)), 413, "image_too_large"),  # a real 1.1 MP image
             (dict(url="/classify", content=b"hello", headers={"content-type": "text/plain"}), 415,
              "unsupported_media_type"),

@@ -10,18 +10,13 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from _live import live_server
-from prometheus_client.parser import text_string_to_metric_families
+from test_service_api import metric as parse_metric
 
 pytestmark = pytest.mark.slow
 
 
 def metric(url: str, name: str, **labels: str) -> float:
-    text = httpx.get(f"{url}/metrics").text
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-    return 0.0
+    return parse_metric(httpx.get(f"{url}/metrics").text, name, **labels)
 
 
 def classify(url: str, body: bytes, **params: object) -> httpx.Response:
