@@ -44,6 +44,9 @@ def run(args: argparse.Namespace) -> dict:
     size = evit.data_config(model)["input_size"]
     x = torch.randn(args.batch_size, *size, device=device, dtype=dtype)
     mixed_rates = [args.mixed_rates[i % len(args.mixed_rates)] for i in range(args.batch_size)]
+    missing = sorted(set(mixed_rates) - set(args.keep_rates))  # checked before minutes of timing, not after
+    if missing:
+        raise SystemExit(f"--mixed-rates {missing[0]} must also be in --keep-rates")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     configs: dict[str, Callable[[], object]] = {"timm": lambda: plain(x)}
@@ -76,12 +79,7 @@ def run(args: argparse.Namespace) -> dict:
             "speedup_over_gmac_ratio": round(speedup / gmac_ratio, 3),
         })
     # a mixed batch against its samples' solo costs: per-image time at each rate (uniform batches)
-    per_image = {}
-    for r in set(mixed_rates):
-        per_image[r] = t.get(f"{r}")
-        if per_image[r] is None:
-            raise SystemExit(f"--mixed-rates {r} must also be in --keep-rates")
-        per_image[r] /= args.batch_size
+    per_image = {r: t[f"{r}"] / args.batch_size for r in set(mixed_rates)}
     summed_solo = sum(per_image[r] for r in mixed_rates)
     return {
         "model": args.model,

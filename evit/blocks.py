@@ -7,6 +7,7 @@ sizes for proportional attention, accumulated scores for cumulative ranking).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -116,12 +117,8 @@ class Tracker:
 
 def _merge_sides(groups: Sequence[Group], sides: Sequence[Side]) -> list[Side]:
     """The state of neighbouring groups that ``merge_adjacent`` joins (same token count), concatenated."""
-    runs: list[list[tuple[Group, Side]]] = []
-    for i, (g, side) in enumerate(zip(groups, sides, strict=True)):
-        if i and groups[i - 1].tokens == g.tokens:
-            runs[-1].append((g, side))
-        else:
-            runs.append([(g, side)])
+    pairs = zip(groups, sides, strict=True)
+    runs = [list(run) for _, run in itertools.groupby(pairs, key=lambda pair: pair[0].tokens)]
     return [run[0][1] if len(run) == 1 else _concat_sides(run) for run in runs]
 
 

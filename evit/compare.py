@@ -97,10 +97,9 @@ def run_variant(
     model: nn.Module, options: dict, budgets: dict[float, float], images: torch.Tensor, labels: torch.Tensor,
     batch_size: int, full: dict[str, torch.Tensor],
 ) -> list[dict]:
-    """One row per budget: ``model`` re-patched with ``options`` at the keep rate that fits the budget.
-    ``full``: the full model's logits ("plain", and "mirrored" for top-1 on the mirrored images too). A budget
-    below the variant's cheapest schedule has no row."""
-    evit.apply_patch(model, **options)
+    """One row per budget: ``model`` (patched with ``options`` by the caller) at the keep rate that fits the
+    budget. ``full``: the full model's logits ("plain", and "mirrored" for top-1 on the mirrored images too). A
+    budget below the variant's cheapest schedule has no row."""
     rows = []
     for budget_rate, gmacs in budgets.items():
         try:

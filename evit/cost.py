@@ -90,19 +90,6 @@ def rate_tokens(
     return out
 
 
-def block_tokens(
-    depth: int,
-    num_patches: int,
-    num_prefix_tokens: int,
-    prune_blocks: tuple[int, ...],
-    keep_rate: float,
-    fusion: str,
-) -> list[tuple[int, int, bool]]:
-    """Per block: (tokens into attention, tokens into the MLP, whether it pruned), prefix tokens included."""
-    rates = [keep_rate if i in prune_blocks else 1.0 for i in range(depth)]
-    return rate_tokens(num_patches, num_prefix_tokens, rates, fusion)
-
-
 def spec_cost(
     spec: CostSpec, keep_rate: float, rates: Sequence[float], fusion: str, cumulative: bool = False
 ) -> Cost:
@@ -130,7 +117,5 @@ def spec_cost(
 
 def model_cost(model: nn.Module, keep_rate: float) -> Cost:
     """Tokens per block and GMACs per image of ``model`` (an EViT-patched timm ViT) at ``keep_rate``."""
-    cfg = model.evit_cfg
-    return spec_cost(
-        CostSpec.from_model(model), keep_rate, model.block_rates(keep_rate), cfg.fusion, cfg.ranking == "cumulative"
-    )
+    cfg, spec = model.evit_cfg, CostSpec.from_model(model)
+    return spec_cost(spec, keep_rate, model.block_rates(keep_rate, spec), cfg.fusion, cfg.ranking == "cumulative")

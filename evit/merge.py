@@ -13,11 +13,11 @@ __all__ = ["merge_nearest"]
 
 
 def merge_nearest(
-    tokens: torch.Tensor, sizes: torch.Tensor | None, keep_idx: torch.Tensor, rest_idx: torch.Tensor
+    tokens: torch.Tensor, sizes: torch.Tensor, keep_idx: torch.Tensor, rest_idx: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge every token that is not kept into the kept token most similar to it (cosine similarity).
 
-    tokens: b, n, C; sizes: b, n patches each token stands for (None: all 1); keep_idx: b, k; rest_idx:
+    tokens: b, n, C; sizes: b, n patches each token stands for; keep_idx: b, k; rest_idx:
     b, r (the other tokens). Each kept token becomes the size-weighted mean of itself and the tokens merged
     into it, as ToMe merges. Returns the merged kept tokens b, k, C (in ``tokens``' dtype; the sums run in
     float32, where float16 could overflow) and, per token not kept, the kept slot it went into (b, r).
@@ -29,8 +29,6 @@ def merge_nearest(
     unit = F.normalize(torch.cat([kept, rest], dim=1), dim=-1)
     k = kept.shape[1]
     dst = (unit[:, k:] @ unit[:, :k].transpose(1, 2)).argmax(dim=-1)  # b, r: the most similar kept token
-    if sizes is None:
-        sizes = tokens.new_ones(tokens.shape[:2])
     w_kept = sizes.gather(1, keep_idx).float()  # b, k
     w_rest = sizes.gather(1, rest_idx).float()  # b, r
     slots = dst.unsqueeze(-1).expand(-1, -1, C)  # b, r, C

@@ -17,7 +17,7 @@ from torch import nn
 
 from evit.blocks import Packed, Tracker, group_views, run_block
 from evit.cost import Cost, CostSpec, model_cost, rate_tokens
-from evit.reorganize import Side, plan_groups
+from evit.reorganize import Side, check_choice, plan_groups
 from evit.schedule import Plan, Schedule, block_rates, default_prune_blocks, plan_for_gmacs, preset
 
 KeepRate = float | Sequence[float] | torch.Tensor | None
@@ -47,12 +47,8 @@ class EViTConfig:
     schedule: Schedule = field(default_factory=Schedule)  # how a keep rate is split over prune_blocks
 
     def __post_init__(self) -> None:
-        if self.fuse_weight not in FUSE_WEIGHTS:
-            raise ValueError(f"fuse_weight must be one of {FUSE_WEIGHTS}, got {self.fuse_weight!r}")
-        if self.fuse_into not in FUSE_INTO:
-            raise ValueError(f"fuse_into must be one of {FUSE_INTO}, got {self.fuse_into!r}")
-        if self.ranking not in RANKINGS:
-            raise ValueError(f"ranking must be one of {RANKINGS}, got {self.ranking!r}")
+        for name, choices in (("fuse_weight", FUSE_WEIGHTS), ("fuse_into", FUSE_INTO), ("ranking", RANKINGS)):
+            check_choice(name, getattr(self, name), choices)
         weights = self.schedule.weights
         if weights is not None and (len(weights) != len(self.prune_blocks) or any(w < 0 for w in weights)):
             raise ValueError(
@@ -120,7 +116,8 @@ class EViTMixin:
         uniq, counts = torch.unique(rate_t, sorted=True, return_counts=True)
         uniq_rates = uniq.tolist()
         perm = None if len(uniq) == 1 else torch.argsort(rate_t, stable=True).to(x.device)
-        plan = {r: self.block_rates(r) for r in uniq_rates}  # requested rate -> keep rate per block
+        spec = CostSpec.from_model(self)  # read once per forward, not once per keep rate
+        plan = {r: self.block_rates(r, spec) for r in uniq_rates}  # requested rate -> keep rate per block
         # blocks where each sample needs the class row: where it prunes (cumulative ranking: up to the last)
         pruned = {r: _pruning_blocks(self.num_patches, P, plan[r], cfg.fusion) for r in uniq_rates}
         if cfg.ranking == "cumulative":
@@ -153,12 +150,14 @@ class EViTMixin:
             kept = [k.index_select(0, inv) for k in kept] if kept else kept
         return EViTOutput(logits=logits, tokens=per_sample, kept=kept)
 
-    def block_rates(self, keep_rate: float | None = None) -> tuple[float, ...]:
-        """The keep rate of every block (1.0 where it does not prune) for a requested keep rate."""
+    def block_rates(self, keep_rate: float | None = None, spec: CostSpec | None = None) -> tuple[float, ...]:
+        """The keep rate of every block (1.0 where it does not prune) for a requested keep rate.
+
+        ``spec``: this model's ``CostSpec`` when the caller has it already (default: read from the model)."""
         cfg = self.evit_cfg
         rate = cfg.keep_rate if keep_rate is None else float(keep_rate)
         resolve_keep_rates(rate, 1, 1.0)
-        spec = CostSpec.from_model(self)
+        spec = spec or CostSpec.from_model(self)
         return block_rates(spec, cfg.prune_blocks, cfg.schedule, cfg.fusion, cfg.ranking == "cumulative", rate)
 
     def stage_rates(self, keep_rate: float | None = None) -> tuple[float, ...]:

@@ -33,6 +33,7 @@ __all__ = [
     "FUSIONS",
     "Group",
     "Side",
+    "check_choice",
     "check_fusion",
     "class_attention",
     "fuse_weights",
@@ -44,7 +45,6 @@ __all__ = [
     "reorganize_group",
     "size_bias",
     "split_group",
-    "stage_counts",
 ]
 
 StageRates = dict[float, float] | None  # requested keep rate -> this block's keep rate (None: the same)
@@ -54,10 +54,15 @@ StageRates = dict[float, float] | None  # requested keep rate -> this block's ke
 FUSIONS = ("one", "nearest", "drop")
 
 
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``choices``, else a ValueError naming the option."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
 def check_fusion(fusion: str) -> str:
-    if fusion not in FUSIONS:
-        raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
-    return fusion
+    return check_choice("fusion", fusion, FUSIONS)
 
 
 def extra_token(fusion: str, kept: int, n: int) -> int:
@@ -72,19 +77,6 @@ def keep_count(keep_rate: float, n: int) -> int:
     extra token; for the paper's 196-patch models this equals the official ``math.ceil``.
     """
     return max(1, min(n, math.ceil(round(keep_rate * n, 9))))
-
-
-def stage_counts(num_patches: int, num_stages: int, keep_rate: float, fusion: str = "one") -> list[int]:
-    """Non-prefix token count entering each stage: ``[n_0, n_1, ..., n_S]`` for ``S`` pruning stages.
-
-    ``n_{s+1} = k + 1`` when ``k = keep_count(keep_rate, n_s) < n_s`` and fusion is "one", else ``k``.
-    """
-    counts = [num_patches]
-    for _ in range(num_stages):
-        n = counts[-1]
-        k = keep_count(keep_rate, n)
-        counts.append(k + extra_token(fusion, k, n))
-    return counts
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from torch import nn
 
 import evit
 from evit import cli
+from evit.reorganize import class_attention
 
 GREY = (190, 190, 190)  # an inattentive patch
 GAP = 6  # pixels between and around panels
@@ -66,9 +67,8 @@ class _ClassAttention:
     def _hook(self, _module: nn.Module, _inputs: object, out: torch.Tensor) -> None:
         a = self.attn
         qkv = out.reshape(-1, 3, a.num_heads, a.head_dim).transpose(0, 2)  # heads, 3, N, D
-        q, k = a.q_norm(qkv[:, 0, :1]), a.k_norm(qkv[:, 1])  # heads, 1, D; heads, N, D
-        row = ((q * a.scale) @ k.transpose(-2, -1)).softmax(dim=-1).mean(dim=0)[0]  # N
-        self.row = row[self.prefix :].float().cpu()
+        q, k = a.q_norm(qkv[:, 0]), a.k_norm(qkv[:, 1])  # heads, N, D
+        self.row = class_attention(q[None], k[None], a.scale)[0, self.prefix :].cpu()  # N - prefix
 
 
 @torch.inference_mode()
