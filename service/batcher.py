@@ -97,19 +97,18 @@ class Batcher:
             await asyncio.to_thread(worker.close)
 
     # -- requests ------------------------------------------------------------------------------------
-    def admit(self, model: str, job: Job | None = None) -> Ticket:
+    def admit(self, model: str, job: Job) -> Ticket:
         """A slot in ``model``'s queue, or 503 with Retry-After when the queue is full (for low priority:
         its share of the queue), or a refusal when ``job`` is already predicted to miss its deadline."""
         q = self.queues[model]
         limit = self.settings.queue_size
-        if job is not None and PRIORITIES[job.priority] == "low":
+        if PRIORITIES[job.priority] == "low":
             limit = max(1, int(limit * self.settings.low_priority_queue_share))
         if q.admitted >= limit:
             which = "" if limit == self.settings.queue_size else " for low-priority requests"
             raise ApiError(503, f"model {model} is overloaded{which} ({q.admitted} requests queued); retry later",
                            "overloaded", {"Retry-After": str(self.retry_after(q))})
-        if job is not None:
-            self._place(q, job, commit=False)  # refuse now rather than after reading and decoding the image
+        self._place(q, job, commit=False)  # refuse now rather than after reading and decoding the image
         q.admitted += 1
         self.metrics.admitted.labels(model=model).set(q.admitted)
         return Ticket(q, self.metrics)
@@ -119,15 +118,13 @@ class Batcher:
         batches = math.ceil(q.admitted / self.settings.max_batch_size)
         return max(1, math.ceil(batches * q.pass_s))
 
-    def submit(self, ticket: Ticket, sample: Sample, deadline: float, job: Job | None = None) -> Pending:
-        """Queue ``sample`` in run order; ``job`` (default: a fixed-rate normal-priority one) is placed by
-        the scheduler, which sets its keep rate (``auto``) or refuses it (deadline unreachable)."""
+    def submit(self, ticket: Ticket, sample: Sample, job: Job) -> Pending:
+        """Queue ``sample`` in run order; ``job`` is placed by the scheduler, which sets its keep rate
+        (``auto``) or refuses it (deadline unreachable)."""
         q = ticket.queue
-        job = job or Job(sample.keep_rate, deadline, arrival=time.monotonic())
-        job.deadline = min(job.deadline, deadline)
         index, job.rate = self._place(q, job)
         sample = replace(sample, keep_rate=job.rate)
-        item = Pending(sample, job.deadline, asyncio.get_running_loop().create_future(), ticket, job)
+        item = Pending(sample, asyncio.get_running_loop().create_future(), ticket, job)
         q.arrived(item.enqueued)
         q.items.insert(index, item)
         self.metrics.queue_depth.labels(model=q.hosted.name).set(len(q.items))
@@ -194,7 +191,7 @@ class Batcher:
         for p in q.items:
             if p.future.done():
                 p.ticket.release()
-            elif p.deadline <= now:
+            elif p.job.deadline <= now:
                 p.future.set_exception(ApiError(504, "request timed out waiting in the queue", "timeout"))
                 p.ticket.release()
             else:

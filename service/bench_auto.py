@@ -31,7 +31,8 @@ from typing import Any
 
 import httpx
 
-from service.bench import ASSET_IMAGES, ROOT, start_server, stop_server, wait_ready
+from service.bench import ASSET_IMAGES
+from service.benchload import ROOT, start_server, stop_server, wait_ready
 from service.loadtest import cli as loadtest
 from service.loadtest import promscrape
 from service.settings import ASSET_CHECKPOINT

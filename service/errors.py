@@ -40,7 +40,6 @@ def error_response(
     headers: dict[str, str] | None = None, details: list[dict[str, Any]] | None = None,
 ) -> JSONResponse:
     request_id = getattr(request.state, "request_id", None)
-    request.state.error = error
     body = ErrorResponse(status=status, error=error, message=message, request_id=request_id, details=details)
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
 

@@ -14,11 +14,13 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.auth import HEALTH_PATHS
+
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
     "message", "asctime", "taskName", "color_message",  # uvicorn's ANSI-coloured duplicate of msg
 }
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/v2/health/live", "/v2/health/ready"})
+QUIET_PATHS = HEALTH_PATHS | {"/metrics"}
 
 access_log = logging.getLogger("service.access")
 

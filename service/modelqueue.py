@@ -78,7 +78,6 @@ class Ticket:
 @dataclass(eq=False)
 class Pending:
     sample: Sample
-    deadline: float  # time.monotonic()
     future: asyncio.Future[SampleResult]
     ticket: Ticket
     job: Job

@@ -142,12 +142,12 @@ class Service:
             try:
                 tensor = await loop.run_in_executor(self.decode_pool, hosted.preprocess, data)
             finally:
-                self.metrics.decode_duration.labels(model=hosted.name).observe(time.monotonic() - t0)
-            decode_s = time.monotonic() - t0
-            if time.monotonic() >= job.deadline:
+                decode_s = time.monotonic() - t0
+                self.metrics.decode_duration.labels(model=hosted.name).observe(decode_s)
+            if t0 + decode_s >= job.deadline:
                 raise ApiError(504, "request timed out (deadline or request timeout) before it could be queued",
                                "timeout")
-            item = self.batcher.submit(ticket, Sample(tensor, rate, top_k, want_kept), job.deadline, job)
+            item = self.batcher.submit(ticket, Sample(tensor, rate, top_k, want_kept), job)
             result = await self._wait(request.receive, item)
         total = time.monotonic() - started
         used = item.sample.keep_rate
@@ -172,7 +172,7 @@ class Service:
     async def _wait(self, receive: Receive, item: Pending) -> SampleResult:
         watcher = asyncio.ensure_future(_client_gone(receive))
         try:
-            timeout = max(item.deadline - time.monotonic(), 0.0)
+            timeout = max(item.job.deadline - time.monotonic(), 0.0)
             done, _ = await asyncio.wait({item.future, watcher}, timeout=timeout,
                                          return_when=asyncio.FIRST_COMPLETED)
             if item.future.done():

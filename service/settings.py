@@ -109,7 +109,7 @@ class Settings(BaseSettings):
     log_level: str = "info"
     log_json: bool = True
 
-    @field_validator("model", "checkpoint", mode="before")
+    @field_validator("model", "checkpoint", "api_tokens", mode="before")
     @classmethod
     def _lists(cls, v: Any) -> Any:
         return _split_commas(v)
@@ -118,11 +118,6 @@ class Settings(BaseSettings):
     @classmethod
     def _blocks(cls, v: Any) -> Any:
         return None if v in ("", None) else _split_commas(v)
-
-    @field_validator("api_tokens", mode="before")
-    @classmethod
-    def _tokens(cls, v: Any) -> Any:
-        return _split_commas(v)
 
     @field_validator("metrics_path", "docs_path")
     @classmethod
