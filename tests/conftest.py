@@ -5,13 +5,39 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 from _hostile import encode, noise
 
+# the real assets (../shared/assets, see its README); tests that need them skip when they are absent
+ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+WEIGHTS = ASSETS / "weights" / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors"
+IMAGES = ASSETS / "imagenet-sample"
+
 TINY_KWARGS = dict(img_size=32, patch_size=8, depth=4, embed_dim=32, num_heads=2, num_classes=10)
 TINY_MODEL = {"name": "tiny", "arch": "vit_tiny_patch16_224", "weights": "random", "model_kwargs": TINY_KWARGS}
+
+
+@pytest.fixture(scope="session")
+def real_data() -> tuple[Any, Any, Any]:
+    """(real ViT-Ti EViT model, the 500 sample images preprocessed, their labels), built once per run."""
+    import csv
+
+    import timm
+    import torch
+    from PIL import Image
+
+    import evit
+
+    model = evit.create_model("vit_tiny_patch16_224", checkpoint_path=WEIGHTS).eval()
+    transform = timm.data.create_transform(**evit.data_config(model))
+    with open(IMAGES / "labels.tsv") as f:
+        rows = list(csv.DictReader(f, delimiter="\t"))
+    x = torch.stack([transform(Image.open(IMAGES / r["filename"]).convert("RGB")) for r in rows])
+    y = torch.tensor([int(r["class_index"]) for r in rows])
+    return model, x, y
 
 
 @pytest.fixture

@@ -8,14 +8,13 @@ import pytest
 import timm
 import torch
 from _tiny import TINY
+from conftest import ASSETS, IMAGES, WEIGHTS
 from PIL import Image
 
 import evit
 from evit import eval as evit_eval
 
-ASSETS = Path(__file__).resolve().parents[1] / ".." / "shared" / "assets"
-WEIGHTS = ASSETS / "weights" / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors"
-SAMPLE = ASSETS / "imagenet-sample"
+SAMPLE = IMAGES
 ARCH = "vit_tiny_patch16_224"
 # The head ignores the image: class 3 always wins, then 5, then 1, ...; class 9 always comes last.
 HEAD_BIAS = [8.0, 7.0, 0.0, 10.0, 6.0, 9.0, 5.0, 4.0, 3.0, -5.0]

@@ -1,34 +1,16 @@
 """Real ViT-Ti weights on 500 real ImageNet images (../shared/assets): the official rule's accuracy."""
 
-import csv
-from pathlib import Path
-
 import pytest
 import timm
 import torch
-from PIL import Image
+from conftest import ASSETS, IMAGES, WEIGHTS
 
 import evit
-
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
-WEIGHTS = ASSETS / "weights" / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors"
-IMAGES = ASSETS / "imagenet-sample"
 
 pytestmark = pytest.mark.skipif(
     not (WEIGHTS.is_file() and (IMAGES / "labels.tsv").is_file()),
     reason=f"real weights/images not found under {ASSETS} (see shared/assets/README.md)",
 )
-
-
-@pytest.fixture(scope="module")
-def data():
-    model = evit.create_model("vit_tiny_patch16_224", checkpoint_path=WEIGHTS).eval()
-    transform = timm.data.create_transform(**evit.data_config(model))
-    with open(IMAGES / "labels.tsv") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    x = torch.stack([transform(Image.open(IMAGES / r["filename"]).convert("RGB")) for r in rows])
-    y = torch.tensor([int(r["class_index"]) for r in rows])
-    return model, x, y
 
 
 def top1(model, x, y, **kwargs) -> float:
@@ -37,16 +19,16 @@ def top1(model, x, y, **kwargs) -> float:
     return round((pred == y).float().mean().item() * 100, 1)
 
 
-def test_keep_one_matches_plain_timm_exactly(data):
-    model, x, y = data
+def test_keep_one_matches_plain_timm_exactly(real_data):
+    model, x, y = real_data
     plain = timm.create_model("vit_tiny_patch16_224").eval()
     plain.load_state_dict(model.state_dict())
     assert top1(plain, x, y) == top1(model, x, y, keep_rate=1.0) == 82.6
 
 
 @pytest.mark.parametrize(("keep_rate", "fuse", "expected"), [(0.7, True, 79.8), (0.7, False, 80.0), (0.5, True, 68.8)])
-def test_official_rule_accuracy(data, keep_rate, fuse, expected):
-    model, x, y = data
+def test_official_rule_accuracy(real_data, keep_rate, fuse, expected):
+    model, x, y = real_data
     evit.apply_patch(model, fuse=fuse)
     try:
         assert top1(model, x, y, keep_rate=keep_rate) == expected
@@ -54,8 +36,8 @@ def test_official_rule_accuracy(data, keep_rate, fuse, expected):
         evit.apply_patch(model, fuse=True)
 
 
-def test_mixed_rates_on_real_images(data):
-    model, x, _ = data
+def test_mixed_rates_on_real_images(real_data):
+    model, x, _ = real_data
     rates = torch.tensor([0.5, 0.7, 1.0, 0.6] * 4)
     with torch.inference_mode():
         mixed = model(x[:16], keep_rate=rates)

@@ -2,21 +2,19 @@
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import timm
 import torch
 from _tiny import TINY
+from conftest import ASSETS, WEIGHTS
 from PIL import Image
 
 import evit
 from evit import viz
 
 ARCH = "vit_tiny_patch16_224"
-ASSETS = Path(__file__).resolve().parents[1] / ".." / "shared" / "assets"
-WEIGHTS = ASSETS / "weights" / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors"
 BIRD = ASSETS / "imagenet-sample" / "n01530575_brambling.JPEG"
 
 
