@@ -32,8 +32,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 ## The whole test suite (what .ci/run runs), then the dependency audit.
-test: $(STAMP) tools
-	$(VENV)/bin/ruff check .
+test: lint tools
 	$(PY) -m pytest $(PYTEST_ARGS)
 	$(PY) .ci/audit.py
 

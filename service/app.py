@@ -105,8 +105,7 @@ async def classify(
     hosted = svc.model(model)
     if top_k > svc.settings.max_top_k:
         raise ApiError(422, f"top_k={top_k} is over the limit of {svc.settings.max_top_k}", "invalid_parameter")
-    deadlines = [d for d in (deadline_ms, x_deadline_ms) if d is not None]
-    ask = Ask(keep_rate == "auto", min_keep_rate, min(deadlines) if deadlines else None, priority)
+    ask = Ask.of(keep_rate, min_keep_rate, (deadline_ms, x_deadline_ms), priority)
     answer = await svc.infer(
         request, hosted, None if keep_rate == "auto" else keep_rate, top_k, return_tokens,
         lambda: read_image_bytes(request, svc.settings.max_body_bytes), ask,

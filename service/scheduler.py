@@ -54,6 +54,14 @@ class Ask:
     deadline_ms: float | None = None  # from the request's arrival; None: only the request timeout
     priority: str = "normal"  # one of PRIORITIES
 
+    @classmethod
+    def of(cls, keep_rate: object, min_keep_rate: float | None, deadlines_ms: tuple[float | None, ...],
+           priority: str) -> Ask:
+        """From validated API values: ``keep_rate`` as given ("auto" or a number); of the deadlines given
+        (parameter, ``X-Deadline-Ms`` header), the smallest counts."""
+        given = [d for d in deadlines_ms if d is not None]
+        return cls(keep_rate == "auto", min_keep_rate, min(given) if given else None, priority)
+
 
 @dataclass(eq=False)
 class Job:

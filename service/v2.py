@@ -173,10 +173,10 @@ def _ask(params: dict[str, Any], header: str | None) -> Ask:
     if priority not in PRIORITIES:
         raise ApiError(422, f"parameter priority must be one of {list(PRIORITIES)}, got {priority!r}",
                        "invalid_parameter")
-    deadlines = [d for d in (_deadline(params.get("deadline_ms"), "parameter deadline_ms"),
-                             _deadline(header, "X-Deadline-Ms", text=True)) if d is not None]
-    return Ask(params.get("keep_rate") == "auto", _keep_rate(params.get("min_keep_rate"), "min_keep_rate"),
-               min(deadlines) if deadlines else None, priority)
+    deadlines = (_deadline(params.get("deadline_ms"), "parameter deadline_ms"),
+                 _deadline(header, "X-Deadline-Ms", text=True))
+    return Ask.of(params.get("keep_rate"), _keep_rate(params.get("min_keep_rate"), "min_keep_rate"), deadlines,
+                  priority)
 
 
 def _int_param(value: Any, name: str, low: int, high: int) -> int:

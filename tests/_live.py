@@ -96,11 +96,10 @@ class LiveServer:
 
 
 @contextmanager
-def live_server(log_dir: Path, ready: bool = True, **kwargs: Any) -> Iterator[LiveServer]:
+def live_server(log_dir: Path, **kwargs: Any) -> Iterator[LiveServer]:
     server = LiveServer(log_dir, **kwargs)
     try:
-        if ready:
-            server.wait_ready()
+        server.wait_ready()
         yield server
     finally:
         server.close()

@@ -10,6 +10,7 @@ import torch
 from _tiny import TINY
 from conftest import ASSETS, WEIGHTS
 from PIL import Image
+from test_eval import tiny_checkpoint, write_images
 
 import evit
 from evit import viz
@@ -33,13 +34,8 @@ def greyed_cells(png: Image.Image, panel: int, side: int, grid: tuple[int, int])
 
 @pytest.fixture
 def tiny(tmp_path):
-    torch.manual_seed(0)
-    model = evit.create_model(ARCH, **TINY)
-    ckpt = tmp_path / "tiny.pth"
-    torch.save(model.state_dict(), ckpt)
-    image = tmp_path / "noise.png"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(image)
-    return ckpt, image
+    """(a tiny random checkpoint, a 48x40 noise PNG): test_eval's helpers."""
+    return tiny_checkpoint(tmp_path, rigged=False), write_images(tmp_path, 1)[0]
 
 
 def test_png_size_and_greyed_patches_per_stage(tmp_path, tiny):
