@@ -41,6 +41,11 @@ def encode(img: Image.Image, fmt: str, **save: object) -> bytes:
     return buf.getvalue()
 
 
+def jpegs(count: int, size: tuple[int, int] = (64, 48)) -> list[bytes]:
+    """``count`` different noise JPEGs of ``size``."""
+    return [encode(noise(size, seed=i), "JPEG") for i in range(count)]
+
+
 def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 

@@ -23,6 +23,8 @@ import psutil
 from conftest import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
+# real ViT-Ti sizes (224 px, 12 blocks) with random weights: the load and signal tests' model
+VIT_TI_224 = {"name": "vit", "arch": "vit_tiny_patch16_224", "weights": "random", "model_kwargs": {}}
 
 
 def free_port() -> int:

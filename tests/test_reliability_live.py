@@ -18,8 +18,8 @@ import uuid
 
 import httpx
 import pytest
-from _hostile import encode, noise
-from _live import live_server
+from _hostile import jpegs
+from _live import VIT_TI_224, live_server
 from _load import Client, p99, summary
 from _reliability import record
 from test_service_api import metric
@@ -27,11 +27,11 @@ from test_service_api import metric
 pytestmark = pytest.mark.slow
 TOKEN = "live-token-" + uuid.uuid4().hex
 AUTH = {"authorization": f"Bearer {TOKEN}"}
-MODEL = {"name": "vit", "arch": "vit_tiny_patch16_224", "weights": "random", "model_kwargs": {}}
+MODEL = VIT_TI_224
 LIMITS = dict(max_body_bytes=1_000_000, body_timeout_s=1.5, request_timeout_s=2.0, queue_size=16,
               max_batch_size=8, drain_timeout_s=10)
 METRICS = "/internal/metrics"
-BODIES = [encode(noise((64, 48), seed=i), "JPEG") for i in range(8)]
+BODIES = jpegs(8)
 CAPACITY: dict[str, float] = {}
 
 

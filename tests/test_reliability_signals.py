@@ -16,16 +16,16 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from _hostile import encode, noise
-from _live import LiveServer
+from _hostile import jpegs
+from _live import VIT_TI_224, LiveServer
 from _load import Client, Outcome, summary
 from _reliability import record
 from test_service_api import metric
 
 pytestmark = pytest.mark.slow
-MODEL = {"name": "vit", "arch": "vit_tiny_patch16_224", "weights": "random", "model_kwargs": {}}
+MODEL = VIT_TI_224
 LIMITS = dict(queue_size=64, request_timeout_s=10.0, drain_timeout_s=20.0, max_batch_size=8)
-BODIES = [encode(noise((64, 48), seed=i), "JPEG") for i in range(8)]
+BODIES = jpegs(8)
 CLIENTS = 16
 
 

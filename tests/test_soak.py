@@ -12,7 +12,7 @@ import os
 import random
 
 import pytest
-from _hostile import encode, noise
+from _hostile import jpegs
 from _live import live_server
 from _load import Client, summary
 from _reliability import record
@@ -26,7 +26,7 @@ FD_GROWTH_LIMIT = 2
 
 
 def test_soak_rss_and_fds_stay_flat(tmp_path) -> None:
-    bodies = [encode(noise((96, 72), seed=i), "JPEG") for i in range(9)] + [b"\xff\xd8 not really a jpeg"]
+    bodies = [*jpegs(9, (96, 72)), b"\xff\xd8 not really a jpeg"]
     rng = random.Random(0)
     per_round = max(REQUESTS // ROUNDS, CONCURRENCY)
     samples: list[tuple[int, float, int]] = []  # (requests so far, RSS MB, fds)
