@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_ok(url: str, alive: Callable[[], bool], timeout: float, detail: Callable[[], str] = str,
+            request_timeout: float = 1.0) -> float:
+    """Seconds until ``GET url`` answered 200 (polling); fails if ``alive()`` turns false or ``timeout`` passes,
+    with ``detail()`` (e.g. the server's log) in the message."""
+    start = time.monotonic()
+    while True:
+        assert alive(), f"{url}: the server is gone\n{detail()}"
+        try:
+            if httpx.get(url, timeout=request_timeout, trust_env=False).status_code == 200:
+                return time.monotonic() - start
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() - start < timeout, f"{url} did not answer 200 within {timeout} s\n{detail()}"
+        time.sleep(0.05)
 
 
 class LiveServer:
@@ -51,16 +67,8 @@ class LiveServer:
 
     def wait_ready(self, timeout: float = 90.0) -> float:
         """Seconds until ``/readyz`` said 200."""
-        start = time.monotonic()
-        while True:
-            assert self.proc.poll() is None, f"server exited {self.proc.returncode}:\n{self.log_text()[-3000:]}"
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return time.monotonic() - start
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() - start < timeout, "server did not become ready"
-            time.sleep(0.05)
+        return wait_ok(f"{self.url}/readyz", lambda: self.proc.poll() is None, timeout,
+                       lambda: f"exit code {self.proc.returncode}:\n{self.log_text()[-3000:]}")
 
     def rss_mb(self) -> float:
         return self.ps.memory_info().rss / 2**20

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from _live import free_port, live_server
+from _live import free_port, live_server, wait_ok
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -43,20 +43,6 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
-
-
-def wait_for(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"{proc.args[:3]} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    pytest.fail(f"{url} not ready after {timeout}s:\n{log.read_text()[-3000:]}")
 
 
 def png() -> bytes:
@@ -181,7 +167,7 @@ def prometheus(service: dict, tmp_path_factory: pytest.TempPathFactory) -> Itera
              f"--web.listen-address=127.0.0.1:{port}"], stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_for(f"{url}/-/ready", proc, log, timeout=60)
+        wait_ok(f"{url}/-/ready", lambda: proc.poll() is None, 60, lambda: log.read_text()[-3000:], request_timeout=2)
         yield url
     finally:
         stop(proc)

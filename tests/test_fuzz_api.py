@@ -5,14 +5,13 @@ a bounded number of examples. No 5xx, answers match the documented schemas, auth
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
 
 import httpx
 import pytest
 import schemathesis
 import uvicorn
-from _live import free_port
+from _live import free_port, wait_ok
 from _reliability import LEAK, record
 from conftest import TINY_MODEL
 from hypothesis import HealthCheck, given, settings
@@ -43,15 +42,7 @@ def api_url():
     thread = threading.Thread(target=server.run, name="uvicorn-fuzz", daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline and thread.is_alive(), "in-thread server did not start"
-        time.sleep(0.05)
+    wait_ok(f"{url}/readyz", thread.is_alive, 60)
     yield url
     server.should_exit = True
     thread.join(30)

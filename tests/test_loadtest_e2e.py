@@ -14,11 +14,9 @@ import json
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import httpx
 import pytest
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
@@ -91,16 +89,9 @@ def fake_server(*args: str) -> Iterator[str]:
     try:
         port = int(proc.stdout.readline())
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(url + "/metrics", timeout=1, trust_env=False).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                raise RuntimeError("fake server did not start")
-            time.sleep(0.05)
+        from _live import wait_ok  # not at the top: this file also runs as the fake server's script
+
+        wait_ok(url + "/metrics", lambda: proc.poll() is None, 20)
         yield url
     finally:
         proc.terminate()
