@@ -46,4 +46,4 @@ soak: $(STAMP)
 	$(PY) -m pytest -m soak tests/test_soak.py $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) -m evit.bench --model deit_small_patch16_224 --batch-size 16 --keep-rates 1.0,0.9,0.7,0.5
+	$(PY) -m evit.tools.bench --model deit_small_patch16_224 --batch-size 16 --keep-rates 1.0,0.9,0.7,0.5

@@ -22,7 +22,7 @@ G distinct rates.
 What it decides in practice: on a GPU the overhead of a ViT pass dwarfs the per-image work of a small
 batch, so ``auto`` sends one mixed pass; on a CPU per-image work dominates, so rates far apart are split
 (0.5 vs 1.0) while close ones (0.7 vs 0.75) share a pass. ``mixed`` (always one pass) and ``grouped``
-(one pass per distinct keep rate) are the two naive policies, kept for comparison (``python -m service.bench``).
+(one pass per distinct keep rate) are the two naive policies, kept for comparison (``python -m benchmarks.service``).
 """
 
 from __future__ import annotations

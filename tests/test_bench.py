@@ -1,4 +1,4 @@
-"""python -m evit.bench: every configuration timed in one run, costs from the cost model, on a tiny model."""
+"""python -m evit.tools.bench: every configuration timed in one run, costs from the cost model, on a tiny model."""
 
 import json
 
@@ -6,7 +6,7 @@ import pytest
 from _tiny import TINY
 
 import evit
-from evit import bench
+from evit.tools import bench
 
 
 @pytest.mark.parametrize("flags", [[], ["--accurate"]], ids=["paper", "accurate"])

@@ -12,7 +12,7 @@ from conftest import ASSETS, IMAGES, WEIGHTS
 from PIL import Image
 
 import evit
-from evit import eval as evit_eval
+from evit.tools import eval as evit_eval
 
 SAMPLE = IMAGES
 ARCH = "vit_tiny_patch16_224"

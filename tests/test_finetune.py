@@ -16,8 +16,8 @@ from _tiny import TINY
 from PIL import Image
 
 import evit
-from evit.finetune import distill_loss, keep_rate_at, lr_at
-from evit.finetune import main as finetune
+from evit.tools.finetune import distill_loss, keep_rate_at, lr_at
+from evit.tools.finetune import main as finetune
 
 ARCH = "vit_tiny_patch16_224"
 
@@ -126,7 +126,7 @@ def test_bad_arguments(data, tmp_path, capsys):
 def test_torchrun_two_processes_bf16(data, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "evit.finetune",
+           "-m", "evit.tools.finetune",
            *args_for(data, out, "--epochs", "1", "--batch-size", "4", "--amp", "bf16", "--accurate")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
@@ -144,7 +144,7 @@ def test_randaugment_posterize_to_zero_bits_does_not_kill_the_epoch():
     from PIL import Image
     from timm.data import create_transform
 
-    from evit.augment import train_transform
+    from evit.tools.augment import train_transform
 
     model = evit.create_model(ARCH, **TINY)
     policy = "rand-m10-n4-mstd0-inc1"  # magnitude 10 every time: posterize keeps 0 bits

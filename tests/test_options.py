@@ -198,7 +198,7 @@ def test_evit_eval_takes_the_options(tmp_path):
 
 
 def test_option_flags_of_the_tools():
-    from evit import cli, eval, finetune, viz
+    from evit.tools import cli, eval, finetune, viz
 
     required = ["--model", "m", "--pretrained", "--images", "i", "--train", "t", "--image", "i"]
     for tool in (eval, finetune, viz):

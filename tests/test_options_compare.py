@@ -1,4 +1,4 @@
-"""python -m evit.compare: every variant at the paper rule's GMACs, on a tiny model and generated images."""
+"""python -m evit.tools.compare: every variant at the paper rule's GMACs, on a tiny model and generated images."""
 
 import json
 
@@ -7,7 +7,7 @@ from _tiny import TINY
 from test_eval import tiny_checkpoint, write_images
 
 import evit
-from evit import compare
+from evit.tools import compare
 
 
 def test_variants_run_within_the_papers_budget(tmp_path):

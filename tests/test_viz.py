@@ -13,7 +13,7 @@ from PIL import Image
 from test_eval import tiny_checkpoint, write_images
 
 import evit
-from evit import viz
+from evit.tools import viz
 
 ARCH = "vit_tiny_patch16_224"
 BIRD = ASSETS / "imagenet-sample" / "n01530575_brambling.JPEG"

@@ -1,4 +1,4 @@
-"""``python -m service.bench_auto``: keep_rate=auto against a fixed keep rate 1.0 under overload, with evit-loadtest.
+"""``python -m benchmarks.scheduling``: keep_rate=auto against a fixed keep rate 1.0 under overload, with evit-loadtest.
 
 One server (default DeiT-S with random weights: only timings matter here; ``--model vit_tiny_patch16_224``
 takes the real ViT-Ti from ../shared/assets), then:
@@ -31,8 +31,8 @@ from typing import Any
 
 import httpx
 
-from service.bench import ASSET_IMAGES
-from service.benchload import ROOT, start_server, stop_server, wait_ready
+from benchmarks.servers import ROOT, start_server, stop_server, wait_ready
+from benchmarks.service import ASSET_IMAGES
 from service.loadtest import cli as loadtest
 from service.loadtest import promscrape
 from service.settings import ASSET_CHECKPOINT
@@ -180,7 +180,7 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m service.bench_auto", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.scheduling", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="deit_small_patch16_224", help="on a small CPU, a model whose passes dwarf "
                    "the per-request work that pruning does not shrink (decoding, HTTP, the load generator)")
     p.add_argument("--checkpoint", type=Path, help="weights (default: the real ViT-Ti from ../shared/assets for "

@@ -1,4 +1,4 @@
-"""``python -m service.bench``: the service against the raw pipeline, on the same model, images and batch size.
+"""``python -m benchmarks.service``: the service against the raw pipeline, on the same model, images and batch size.
 
 Measures, in one run: the raw pipeline in this process (decode + preprocess + batched forward, in a loop);
 the service's throughput at saturation (concurrent clients on loopback) with batching on and off; p50/p99
@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import torch
 
-from service.benchload import ROOT, saturate, start_server, stop_server, wait_ready
+from benchmarks.servers import ROOT, saturate, start_server, stop_server, wait_ready
 from service.registry import host, resolve_device
 from service.settings import ASSET_CHECKPOINT, ModelSpec, Settings
 from service.worker import DeviceWorker, Sample
@@ -191,7 +191,7 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m service.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.service", description=__doc__.splitlines()[0])
     for flag, kind, default, text in (
         ("--model", str, "vit_tiny_patch16_224", "timm architecture"),
         ("--checkpoint", Path, ROOT / ASSET_CHECKPOINT, "weights (random when absent)"),

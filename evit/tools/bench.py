@@ -1,4 +1,4 @@
-"""Throughput of EViT against the plain timm model, measured in one run (``python -m evit.bench``).
+"""Throughput of EViT against the plain timm model, measured in one run (``python -m evit.tools.bench``).
 
 Every configuration is timed in interleaved rounds (plain timm, each keep rate, the mixed batch, round after
 round) and the median round is kept, so drift on a noisy machine hits all of them alike. Weights do not
@@ -18,7 +18,7 @@ import timm
 import torch
 
 import evit
-from evit import cli
+from evit.tools import cli
 
 
 def _time(fn: Callable[[], object], sync: Callable[[], None], clock: Callable[[], float]) -> float:

@@ -23,8 +23,8 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import nn
 
 import evit
-from evit import cli
 from evit.reorganize import class_attention
+from evit.tools import cli
 
 GREY = (190, 190, 190)  # an inattentive patch
 GAP = 6  # pixels between and around panels

@@ -1,6 +1,6 @@
 """`evit-finetune`: fine-tune an EViT model from a pretrained checkpoint, as the EViT paper does.
 
-    torchrun --nproc_per_node 8 -m evit.finetune --model deit_small_patch16_224 --pretrained \\
+    torchrun --nproc_per_node 8 -m evit.tools.finetune --model deit_small_patch16_224 --pretrained \\
         --train /data/imagenet/train --val /data/imagenet/val --keep-rate 0.7 --out runs/evit-0.7
 
 The student is the EViT model at the keep rate (fixed, or on the official cosine schedule from 1.0 to the
@@ -28,9 +28,9 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 import evit
-from evit.augment import train_transform
-from evit.cli import add_model_args, add_option_args, blocks, options
-from evit.distributed import Dist, amp_dtype
+from evit.tools.augment import train_transform
+from evit.tools.cli import add_model_args, add_option_args, blocks, options
+from evit.tools.distributed import Dist, amp_dtype
 
 
 def keep_rate_at(epoch: float, target: float, start_epoch: float, shrink_epochs: float) -> float:

@@ -1,4 +1,4 @@
-"""Servers and loopback load for ``service.bench``: start ``python -m service`` processes, saturate them with
+"""Servers and loopback load for ``benchmarks.service``: start ``python -m service`` processes, saturate them with
 closed-loop clients (a minimal HTTP/1.1 client, so the load costs the shared CPU little) and probe ``/healthz``.
 """
 

@@ -1,6 +1,6 @@
 """Training-free options compared at equal cost: top-1 of each variant at the GMACs of the paper's rule.
 
-    python -m evit.compare --model vit_tiny_patch16_224 --checkpoint W.safetensors --images DIR \\
+    python -m evit.tools.compare --model vit_tiny_patch16_224 --checkpoint W.safetensors --images DIR \\
         --budgets 0.7,0.5 --curve 0.9,0.8,0.7,0.6,0.5,0.4 --cache /tmp/evit-images.pt --out DIR
 
 For each budget keep rate ``r`` the budget is the paper rule's GMACs at ``r``; every variant runs at the
@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import evit
-from evit.cli import keep_rates
-from evit.eval import load_images, load_labels
+from evit.tools.cli import keep_rates
+from evit.tools.eval import load_images, load_labels
 
 # name -> create_model options. The paper's rule first; evit.ACCURATE is "every3+nearest+size_attn".
 VARIANTS: dict[str, dict] = {
@@ -105,7 +105,7 @@ def run_variant(
         try:
             plan = model.schedule_for_gmacs(gmacs)
         except ValueError as exc:
-            print(f"evit.compare: {options or 'paper'} at {budget_rate:g}: {exc}", file=sys.stderr)
+            print(f"evit.tools.compare: {options or 'paper'} at {budget_rate:g}: {exc}", file=sys.stderr)
             continue
         row = {
             "budget_keep_rate": budget_rate,
@@ -186,7 +186,7 @@ def curve_plot(rows: list[dict], full: dict, path: Path, title: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m evit.compare", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m evit.tools.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--images", type=Path, required=True, help="ImageFolder layout or a folder with labels.tsv")
@@ -211,13 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     curve_names = [n for n in args.curve_variants.split(",") if n] if args.curve else []
     unknown = sorted(set(names + curve_names) - set(VARIANTS))
     if unknown:
-        print(f"evit.compare: unknown variants {unknown}; known: {list(VARIANTS)}", file=sys.stderr)
+        print(f"evit.tools.compare: unknown variants {unknown}; known: {list(VARIANTS)}", file=sys.stderr)
         return 2
     try:
         items = load_labels(args.images)[: args.limit]
         model = evit.create_model(args.model, checkpoint_path=args.checkpoint, **args.model_kwargs).eval()
     except (ValueError, OSError, evit.WeightsError) as exc:
-        print(f"evit.compare: {exc}", file=sys.stderr)
+        print(f"evit.tools.compare: {exc}", file=sys.stderr)
         return 2
     labels = torch.tensor([c for _, c in items])
     images = cached_images(items, model, args.cache, args.workers)
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     curve_rows = rows_for(curve_names, args.curve) if args.curve else []
     args.out.mkdir(parents=True, exist_ok=True)
     results = {
-        "tool": "evit.compare", "model": args.model, "weights": str(args.checkpoint), "images": str(args.images),
+        "tool": "evit.tools.compare", "model": args.model, "weights": str(args.checkpoint), "images": str(args.images),
         "num_images": len(items), "full": full,
         "rows": table_rows, "curve": curve_rows,
     }

@@ -1,4 +1,4 @@
-"""Command-line pieces shared by evit-eval, evit-finetune, evit-viz, ``python -m evit.bench`` and ``evit.compare``."""
+"""Command-line pieces shared by evit-eval, evit-finetune, evit-viz and ``python -m evit.tools.{bench,compare}``."""
 
 from __future__ import annotations
 

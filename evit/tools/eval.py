@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import evit
-from evit import cli
+from evit.tools import cli
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
