@@ -13,8 +13,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-_WRAPPER_KEYS = ("model", "state_dict", "model_ema", "module")  # training checkpoints nest the weights
-_KEY_PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DDP, torch.compile
+_WRAPPER_KEYS = ("model", "state_dict", "model_ema", "module")  # weights nested deeper than timm looks
 
 
 class WeightsError(RuntimeError):
@@ -33,30 +32,30 @@ def build_pretrained(name: str, **timm_kwargs: Any) -> nn.Module:
         ) from e
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint file, unwrapped from training-checkpoint dicts and wrapper prefixes."""
+def read_state_dict(path: str | Path, use_ema: bool = True, weights_only: bool = True) -> dict[str, torch.Tensor]:
+    """Tensors of a checkpoint file, read by timm's own ``load_state_dict``.
+
+    As ``timm.create_model(checkpoint_path=...)``: ``state_dict_ema`` (then ``model_ema``) when ``use_ema`` and
+    present, else ``state_dict``, else ``model``; ``module.`` / ``_orig_mod.`` prefixes removed
+    (``timm.models.clean_state_dict``); ``weights_only`` is torch.load's (no arbitrary pickles by default).
+    Weights nested deeper (``{"model": {"module": ...}}``) are unwrapped too.
+    """
+    from timm.models import clean_state_dict, load_state_dict
+
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"checkpoint not found: {path}")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state: Any = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state: Any = load_state_dict(str(path), use_ema=use_ema, weights_only=weights_only)
     except Exception as e:
         raise WeightsError(f"could not read checkpoint {path}: {type(e).__name__}: {e}") from e
     while isinstance(state, dict) and not _is_state_dict(state):
         inner = next((state[k] for k in _WRAPPER_KEYS if isinstance(state.get(k), dict)), None)
         if inner is None:
             raise WeightsError(f"{path} holds no state dict (top-level keys: {sorted(state)[:10]})")
-        state = inner
+        state = clean_state_dict(inner)
     if not isinstance(state, dict):
         raise WeightsError(f"{path} holds a {type(state).__name__}, not a state dict")
-    for prefix in _KEY_PREFIXES:
-        if all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
 
 
@@ -64,13 +63,13 @@ def _is_state_dict(d: dict) -> bool:
     return bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
 
 
-def load_checkpoint(model: nn.Module, path: str | Path) -> None:
-    """Load a checkpoint into a timm ViT with strict key checking.
+def load_checkpoint(model: nn.Module, path: str | Path, use_ema: bool = True, weights_only: bool = True) -> None:
+    """Load a checkpoint into a timm ViT with strict key checking (``read_state_dict`` picks the weights).
 
     timm's own converter adapts older layouts (timm 0.4.12 DeiT keys as in the official EViT checkpoints,
     JAX/big-vision exports) and resamples the position embedding to the model's grid.
     """
-    state = read_state_dict(path)
+    state = read_state_dict(path, use_ema=use_ema, weights_only=weights_only)
     timm_class = next(c for c in type(model).__mro__ if c.__module__.startswith("timm."))
     module = importlib.import_module(timm_class.__module__)
     filter_fn = getattr(module, "checkpoint_filter_fn", None)
