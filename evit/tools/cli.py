@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
 import inspect
 import json
 from pathlib import Path
+
+import torch
 
 from evit.patch import FUSE_INTO, FUSE_WEIGHTS, RANKINGS, apply_patch
 from evit.schedule import ACCURATE, PRESETS
@@ -41,8 +45,87 @@ def add_model_args(parser: argparse.ArgumentParser, checkpoint_help: str, weight
     weights = parser.add_mutually_exclusive_group(required=weights_required)
     weights.add_argument("--checkpoint", type=Path, help=checkpoint_help)
     weights.add_argument("--pretrained", action="store_true", help="timm's hub weights (needs network)")
-    parser.add_argument("--model-kwargs", type=json.loads, default={},
-                        help="JSON timm kwargs, e.g. '{\"img_size\": 32}' or '{\"drop_path_rate\": 0.1}'")
+    parser.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
+                        help="timm kwargs as timm's scripts take them, e.g. img_size=32 drop_path_rate=0.1 "
+                        "(a JSON object is accepted too)")
+
+
+class ParseKwargs(argparse.Action):
+    """timm's ``ParseKwargs`` (``key=value ...``, values read as Python literals, else kept as strings); a
+    single JSON object (``'{"img_size": 32}'``, the older form) is accepted too."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        values = [values] if isinstance(values, str) else list(values or [])
+        kwargs: dict = {}
+        for value in values:
+            if value.lstrip().startswith("{"):
+                try:
+                    parsed = json.loads(value)
+                except ValueError as exc:
+                    parser.error(f"{option_string}: not a JSON object: {value!r} ({exc})")
+                if not isinstance(parsed, dict):
+                    parser.error(f"{option_string}: not a JSON object: {value!r}")
+                kwargs.update(parsed)
+                continue
+            key, found, text = value.partition("=")
+            if not found or not key:
+                parser.error(f"{option_string}: {value!r} is not KEY=VALUE")
+            try:
+                kwargs[key] = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                kwargs[key] = text  # as timm: a plain string needs no quotes
+        setattr(namespace, self.dest, kwargs)
+
+
+def add_data_args(parser: argparse.ArgumentParser, batch_size: int, workers: int = 2) -> None:
+    """The data and runtime flags of timm's validate.py: DIR (positional or --data-dir; --images is an alias),
+    -b/--batch-size, -j/--workers, --device, --amp, --amp-dtype."""
+    parser.add_argument("data", nargs="?", metavar="DIR", type=Path,
+                        help="ImageFolder layout or a folder with labels.tsv (or --data-dir)")
+    parser.add_argument("--data-dir", "--images", dest="data_dir", type=Path, metavar="DIR",
+                        help="the same as the positional DIR")
+    parser.add_argument("-b", "--batch-size", type=int, default=batch_size, help="images per batch")
+    parser.add_argument("-j", "--workers", type=int, default=workers,
+                        help="data loader worker processes decoding images (0: in the main process)")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    parser.add_argument("--amp", action="store_true", help="mixed precision (torch.autocast) for the forward passes")
+    parser.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"),
+                        help="the autocast dtype with --amp")
+
+
+def add_output_arg(parser: argparse.ArgumentParser, default: Path, help_text: str) -> None:
+    """``--output`` as timm's scripts name it; ``--out`` (the older name) is kept as a hidden alias."""
+    parser.add_argument("--output", type=Path, default=default, help=help_text)
+    parser.add_argument("--out", dest="output", type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def data_dir(args: argparse.Namespace) -> Path:
+    """The image folder given positionally or with --data-dir (ValueError when neither or both disagree)."""
+    given = {p for p in (args.data, args.data_dir) if p is not None}
+    if len(given) != 1:
+        raise ValueError("give the image folder once: DIR or --data-dir DIR")
+    return given.pop()
+
+
+def device(text: str) -> torch.device:
+    """``--device``, checked: a CUDA device on a machine without one is refused with a clear message."""
+    try:
+        dev = torch.device(text)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {text!r}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {text}: CUDA is not available on this machine")
+    return dev
+
+
+def autocast(dev: torch.device, amp: bool, amp_dtype: str = "float16") -> contextlib.AbstractContextManager:
+    """The forward passes' precision: torch.autocast with ``--amp`` (``--amp-dtype``), else full precision.
+
+    The seam for the backends' precision flag (evit/precision.py), which may replace these two flags.
+    """
+    if not amp:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=dev.type, dtype=getattr(torch, amp_dtype))
 
 
 def add_option_args(parser: argparse.ArgumentParser) -> None:

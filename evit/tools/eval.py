@@ -1,26 +1,26 @@
 """`evit-eval`: top-1/top-5, GMACs, tokens and measured throughput at each keep rate, in one table.
 
-    evit-eval --model vit_tiny_patch16_224 --checkpoint W.safetensors --images DIR \\
-        --keep-rates 1.0,0.9,0.8,0.7,0.6,0.5 [--no-fuse | --fuse-ablation] --out DIR
+    evit-eval DIR --model vit_tiny_patch16_224 --checkpoint W.safetensors \\
+        --keep-rates 1.0,0.9,0.8,0.7,0.6,0.5 [--no-fuse | --fuse-ablation] [-b 64 -j 4 --device cuda --amp] --output OUT
 
-DIR holds an ImageFolder layout (one sub-folder per class, classes indexed in sorted order) or a
-``labels.tsv`` (tab-separated, header row, columns ``filename`` and ``class_index``). Images are decoded
-and preprocessed once with timm's data config for the model; throughput times the forward passes only,
-every configuration on each batch in turn (median batch time), so load from elsewhere hits all alike.
-Writes ``results.json`` (``rows: [{keep_rate, fuse, top1, top5, gmacs, images_per_second, ...}]``),
+DIR (positional or ``--data-dir``) holds an ImageFolder layout (one sub-folder per class, classes indexed
+in sorted order) or a ``labels.tsv`` (tab-separated, header row, columns ``filename`` and ``class_index``).
+Images stream through timm's dataset and loader (``-j`` worker processes decode them, with timm's data
+config for the model), so memory stays flat however many images there are. Throughput times the forward
+passes only, every configuration on each batch in turn (median batch time), so load from elsewhere hits
+all alike. Writes ``results.json`` (``rows: [{keep_rate, fuse, top1, top5, gmacs, images_per_second, ...}]``),
 ``results.md`` and ``pareto.png``.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import contextlib
 import json
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -28,85 +28,52 @@ from torch import nn
 
 import evit
 from evit.tools import cli
+from evit.tools.data import IMAGE_SUFFIXES, batches, create_image_loader, load_labels
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+__all__ = ["IMAGE_SUFFIXES", "evaluate", "load_labels", "main", "markdown_table"]
 
-
-def load_labels(folder: Path) -> list[tuple[Path, int]]:
-    """(image path, class index) pairs from ``labels.tsv`` if present, else an ImageFolder layout."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"image folder {folder} does not exist")
-    tsv = folder / "labels.tsv"
-    if tsv.exists():
-        with tsv.open(newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t")
-            if not {"filename", "class_index"} <= set(reader.fieldnames or ()):
-                raise ValueError(f"{tsv} needs a header row with columns 'filename' and 'class_index'")
-            items = []
-            for line, row in enumerate(reader, start=2):
-                path = folder / row["filename"]
-                if not path.is_file():
-                    raise ValueError(f"{tsv}:{line}: no file {row['filename']!r}")
-                try:
-                    items.append((path, int(row["class_index"])))
-                except ValueError:
-                    raise ValueError(f"{tsv}:{line}: class_index {row['class_index']!r} is not an integer") from None
-    else:
-        classes = sorted(d for d in folder.iterdir() if d.is_dir())
-        items = [
-            (p, index)
-            for index, d in enumerate(classes)
-            for p in sorted(d.rglob("*"))
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-        ]
-    if not items:
-        raise ValueError(f"no labelled images in {folder} (need labels.tsv or one sub-folder per class)")
-    return items
+Precision = Callable[[], contextlib.AbstractContextManager]
 
 
-def load_images(paths: Sequence[Path], model: nn.Module, workers: int = 2) -> torch.Tensor:
-    """Decode and preprocess every image with timm's eval transform for ``model``: N, 3, H, W."""
-    from PIL import Image
-    from timm.data import create_transform
-
-    transform = create_transform(**evit.data_config(model), is_training=False)
-
-    def one(path: Path) -> torch.Tensor:
-        with Image.open(path) as im:
-            return transform(im.convert("RGB"))
-
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return torch.stack(list(pool.map(one, paths)))
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @torch.inference_mode()
 def evaluate(
     models: dict[bool, nn.Module],
-    images: torch.Tensor,
-    labels: torch.Tensor,
+    data: Iterable[tuple[torch.Tensor, torch.Tensor]],
     keep_rates: Sequence[float],
-    batch_size: int = 64,
+    precision: Precision = contextlib.nullcontext,
     on_batch: Callable[[int], object] | None = None,
 ) -> list[dict]:
-    """One row per (fuse, keep rate): accuracy, cost and forward-pass throughput.
+    """One row per (fuse, keep rate): accuracy, cost and forward-pass throughput, over batches (x, y).
 
     Batches are the outer loop and configurations the inner one, so a burst of load from elsewhere on the
-    machine slows every configuration alike; throughput is the batch size over the median batch time
-    (a last, smaller batch is left out of the median unless it is the only one).
+    machine slows every configuration alike; throughput is the first batch's size over the median batch
+    time (a last, smaller batch is left out of the median unless it is the only one). Only counts are kept
+    across batches.
     """
     configs = [(fuse, rate) for fuse in models for rate in keep_rates]
     k = min(5, next(iter(models.values())).num_classes)
     stats = {c: {"top1": 0, "top5": 0, "tokens": 0, "times": []} for c in configs}
     for model in models.values():
         model.eval()
-    for fuse, rate in configs:  # warm-up, not timed
-        models[fuse](images[:batch_size], keep_rate=rate)
-    for start in range(0, len(images), batch_size):
-        x, y = images[start : start + batch_size], labels[start : start + batch_size]  # B,3,H,W; B
+    n, batch_size = 0, None
+    for x, y in data:  # B,3,H,W; B
+        if batch_size is None:
+            batch_size = len(x)
+            with precision():  # warm-up, not timed
+                for fuse, rate in configs:
+                    models[fuse](x, keep_rate=rate)
+        n += len(x)
         for fuse, rate in configs:
+            _sync(x.device)
             t0 = time.perf_counter()
-            out = models[fuse].forward_with_info(x, keep_rate=rate)
+            with precision():
+                out = models[fuse].forward_with_info(x, keep_rate=rate)
+            _sync(x.device)
             seconds = time.perf_counter() - t0
             best = out.logits.topk(k, dim=1).indices  # B, k
             entry = stats[(fuse, rate)]
@@ -115,25 +82,24 @@ def evaluate(
             entry["tokens"] += out.tokens.sum().item()
             if len(x) == batch_size or not entry["times"]:
                 entry["times"].append(seconds / len(x))
-            if on_batch:
-                on_batch(len(x))
-    n = len(images)
-    rows = []
-    for fuse, rate in configs:
-        entry = stats[(fuse, rate)]
-        rows.append(
-            {
-                "keep_rate": rate,
-                "fuse": fuse,
-                "top1": entry["top1"] / n,
-                "top5": entry["top5"] / n,
-                "gmacs": models[fuse].cost(rate).gmacs,
-                "tokens": entry["tokens"] / n,
-                "images_per_second": 1.0 / statistics.median(entry["times"]),
-                "images": n,
-            }
-        )
-    return rows
+        if on_batch:
+            on_batch(len(x))
+    if not n:
+        raise ValueError("no images to evaluate")
+    return [_row(models[fuse], rate, fuse, stats[(fuse, rate)], n) for fuse, rate in configs]
+
+
+def _row(model: nn.Module, rate: float, fuse: bool, entry: dict, n: int) -> dict:
+    return {
+        "keep_rate": rate,
+        "fuse": fuse,
+        "top1": entry["top1"] / n,
+        "top5": entry["top5"] / n,
+        "gmacs": model.cost(rate).gmacs,
+        "tokens": entry["tokens"] / n,
+        "images_per_second": 1.0 / statistics.median(entry["times"]),
+        "images": n,
+    }
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -183,22 +149,45 @@ def pareto_plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="evit-eval", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
-    cli.add_model_args(p, "local .pth/.pt/.safetensors weights")
-    p.add_argument("--images", type=Path, required=True, help="ImageFolder layout or a folder with labels.tsv")
+    p = argparse.ArgumentParser(prog="evit-eval", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cli.add_model_args(p, "local .pth/.pt/.safetensors weights (EMA weights preferred, as timm)")
+    cli.add_data_args(p, batch_size=64)
     p.add_argument("--keep-rates", type=cli.keep_rates, default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5])
     fuse = p.add_mutually_exclusive_group()
     fuse.add_argument("--no-fuse", action="store_true", help="drop inattentive tokens instead of fusing them")
     fuse.add_argument("--fuse-ablation", action="store_true", help="rows with and without fusion")
     p.add_argument("--prune-blocks", type=cli.blocks, help="0-based block indices (default: the schedule's)")
     cli.add_option_args(p)
-    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--limit", type=int, help="use only the first N images")
-    p.add_argument("--workers", type=int, default=2, help="threads decoding images")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    p.add_argument("--out", type=Path, default=Path("runs/eval"))
+    cli.add_output_arg(p, Path("runs/eval"), "folder for results.json, results.md and pareto.png")
     p.add_argument("--quiet", action="store_true")
     return p
+
+
+def _setup(args: argparse.Namespace) -> tuple[list[tuple[Path, int]], dict[bool, nn.Module], torch.device]:
+    """The labelled image list and the models on their device; ValueError etc. for bad input."""
+    dev = cli.device(args.device)
+    folder = cli.data_dir(args)
+    items = load_labels(folder)[: args.limit]
+    fuses = [True, False] if args.fuse_ablation else [not args.no_fuse]
+    models = {
+        fuse: evit.create_model(
+            args.model,
+            pretrained=args.pretrained,
+            checkpoint_path=args.checkpoint,
+            prune_blocks=args.prune_blocks,
+            fuse=fuse,
+            **cli.options(args),
+            **args.model_kwargs,
+        ).to(dev)
+        for fuse in fuses
+    }
+    classes = next(iter(models.values())).num_classes
+    if not all(0 <= c < classes for _, c in items):
+        raise ValueError(f"class indices must be in [0, {classes})")
+    return items, models, dev
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,60 +195,47 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    fuses = [True, False] if args.fuse_ablation else [not args.no_fuse]
     try:
-        items = load_labels(args.images)[: args.limit]
-        models = {
-            fuse: evit.create_model(
-                args.model,
-                pretrained=args.pretrained,
-                checkpoint_path=args.checkpoint,
-                prune_blocks=args.prune_blocks,
-                fuse=fuse,
-                **cli.options(args),
-                **args.model_kwargs,
-            )
-            for fuse in fuses
-        }
+        items, models, dev = _setup(args)
     except (ValueError, OSError, evit.WeightsError) as exc:
         print(f"evit-eval: {exc}", file=sys.stderr)
         return 2
-    first = models[fuses[0]]
-    labels = torch.tensor([c for _, c in items])
-    if int(labels.max()) >= first.num_classes or int(labels.min()) < 0:
-        print(f"evit-eval: class indices must be in [0, {first.num_classes})", file=sys.stderr)
-        return 2
+    first = next(iter(models.values()))
 
     from tqdm import tqdm
 
-    quiet = True if args.quiet else None
+    loader = create_image_loader(items, first, args.batch_size, args.workers, dev)
     t0 = time.perf_counter()
-    images = load_images([p for p, _ in items], first, args.workers)
-    decode_s = time.perf_counter() - t0
-    with tqdm(total=len(items) * len(fuses) * len(args.keep_rates), unit="img", disable=quiet) as bar:
-        rows = evaluate(models, images, labels, args.keep_rates, args.batch_size, bar.update)
+    with tqdm(total=len(items), unit="img", desc="decode+eval", disable=True if args.quiet else None) as bar:
+        rows = evaluate(models, batches(loader, dev), args.keep_rates,
+                        lambda: cli.autocast(dev, args.amp, args.amp_dtype), bar.update)
+    folder = cli.data_dir(args)
     results = {
         "tool": "evit-eval",
         "model": args.model,
         "weights": str(args.checkpoint) if args.checkpoint else "hub",
-        "images": str(args.images),
+        "images": str(folder),
         "num_images": len(items),
         "prune_blocks": list(first.evit_cfg.prune_blocks),
         "options": cli.options(args),
         "batch_size": args.batch_size,
+        "workers": args.workers,
+        "device": str(dev),
+        "amp": args.amp_dtype if args.amp else None,
         "torch_threads": torch.get_num_threads(),
-        "decode_seconds": decode_s,
+        "seconds": time.perf_counter() - t0,
         "rows": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    out = args.output
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown_table(rows)
-    (args.out / "results.md").write_text(table)
+    (out / "results.md").write_text(table)
     title = f"{args.model} on {len(items)} images, pruning blocks {list(first.evit_cfg.prune_blocks)}"
-    pareto_plot(rows, args.out / "pareto.png", title)
+    pareto_plot(rows, out / "pareto.png", title)
     if not args.quiet:
         print(table, end="")
-        print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}, {args.out / 'pareto.png'}")
+        print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'pareto.png'}")
     return 0
 
 
