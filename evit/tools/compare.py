@@ -1,7 +1,7 @@
 """Training-free options compared at equal cost: top-1 of each variant at the GMACs of the paper's rule.
 
-    python -m evit.tools.compare --model vit_tiny_patch16_224 --checkpoint W.safetensors --images DIR \\
-        --budgets 0.7,0.5 --curve 0.9,0.8,0.7,0.6,0.5,0.4 --cache /tmp/evit-images.pt --out DIR
+    python -m evit.tools.compare DIR --model vit_tiny_patch16_224 --checkpoint W.safetensors \\
+        --budgets 0.7,0.5 --curve 0.9,0.8,0.7,0.6,0.5,0.4 [-b 50 -j 4 --device cuda --amp] --output OUT
 
 For each budget keep rate ``r`` the budget is the paper rule's GMACs at ``r``; every variant runs at the
 keep rate its own ``schedule_for_gmacs`` answers for that budget, so rows at one budget cost the same (or
@@ -9,6 +9,9 @@ less). Top-1 is also given on the even- and odd-numbered halves of the images: a
 variants smaller than the spread between halves is noise; ``--flip`` adds top-1 on the mirrored images
 (the same labels, a second look at the same decision). Writes ``compare.json``, ``compare.md`` (the
 table in docs/accuracy.md) and ``compare.png`` (top-1 against GMACs for the ``--curve`` variants).
+Images stream through timm's loader on every pass (DIR or ``--data-dir``, as evit-eval); only the full
+model's logits (images x classes, float32) are kept, for the KL and same-top-1 columns. ``--cache FILE``
+instead keeps every preprocessed image in memory and on disk: for small sets only.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import evit
+from evit.tools import cli
 from evit.tools.cli import keep_rates
-from evit.tools.eval import load_images, load_labels
+from evit.tools.data import Source, cached_images, create_image_loader, load_labels
 
 # name -> create_model options. The paper's rule first; evit.ACCURATE is "every3+nearest+size_attn".
 VARIANTS: dict[str, dict] = {
@@ -49,34 +53,24 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def cached_images(items: list[tuple[Path, int]], model: nn.Module, cache: Path | None, workers: int) -> torch.Tensor:
-    """Preprocessed images, from ``cache`` when it holds these files preprocessed the same way."""
-    key = {"files": [str(p) for p, _ in items], "config": repr(sorted(evit.data_config(model).items()))}
-    if cache and cache.exists():
-        saved = torch.load(cache, weights_only=False)
-        if saved.get("key") == key:
-            return saved["images"]
-    images = load_images([p for p, _ in items], model, workers)
-    if cache:
-        torch.save({"key": key, "images": images}, cache)
-    return images
-
-
 def reusable(path: Path, args: argparse.Namespace, num_images: int) -> dict[tuple[str, float], dict]:
     """Rows of an earlier run on the same model, weights and images whose variant has the same options."""
     old = json.loads(path.read_text())
     same = (old["model"], old["weights"], old["images"], old["num_images"])
-    if same != (args.model, str(args.checkpoint), str(args.images), num_images):
+    if same != (args.model, str(args.checkpoint), str(cli.data_dir(args)), num_images):
         return {}
     rows = [r for r in old["rows"] + old["curve"] if VARIANTS.get(r["variant"]) == r["options"]]
     return {(r["variant"], r["budget_keep_rate"]): r for r in rows}
 
 
-def predict(model: nn.Module, images: torch.Tensor, keep_rate: float, batch_size: int) -> torch.Tensor:
-    """Logits for every image at ``keep_rate``: N, classes (float32)."""
+def predict(model: nn.Module, source: Source, keep_rate: float, flip: bool = False) -> torch.Tensor:
+    """Logits for every image (mirrored with ``flip``) at ``keep_rate``: N, classes (float32, CPU)."""
+    out = []
     with torch.inference_mode():
-        return torch.cat([model(images[i : i + batch_size], keep_rate=keep_rate).float()
-                          for i in range(0, len(images), batch_size)])
+        for x in source:
+            with source.precision():
+                out.append(model(x.flip(-1) if flip else x, keep_rate=keep_rate).float().cpu())
+    return torch.cat(out)
 
 
 def scores(logits: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor) -> dict:
@@ -94,8 +88,8 @@ def scores(logits: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor) 
 
 
 def run_variant(
-    model: nn.Module, options: dict, budgets: dict[float, float], images: torch.Tensor, labels: torch.Tensor,
-    batch_size: int, full: dict[str, torch.Tensor],
+    model: nn.Module, options: dict, budgets: dict[float, float], source: Source, labels: torch.Tensor,
+    full: dict[str, torch.Tensor],
 ) -> list[dict]:
     """One row per budget: ``model`` (patched with ``options`` by the caller) at the keep rate that fits the
     budget. ``full``: the full model's logits ("plain", and "mirrored" for top-1 on the mirrored images too). A
@@ -113,10 +107,10 @@ def run_variant(
             "keep_rate": plan.keep_rate,
             "stage_rates": list(plan.stage_rates),
             "gmacs": plan.cost.gmacs,
-            **scores(predict(model, images, plan.keep_rate, batch_size), labels, full["plain"]),
+            **scores(predict(model, source, plan.keep_rate), labels, full["plain"]),
         }
         if "mirrored" in full:
-            mirrored = predict(model, images.flip(-1), plan.keep_rate, batch_size)
+            mirrored = predict(model, source, plan.keep_rate, flip=True)
             row["top1_flipped"] = scores(mirrored, labels, full["mirrored"])["top1"]
         rows.append(row)
     return rows
@@ -186,23 +180,42 @@ def curve_plot(rows: list[dict], full: dict, path: Path, title: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m evit.tools.compare", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--checkpoint", type=Path, required=True)
-    p.add_argument("--images", type=Path, required=True, help="ImageFolder layout or a folder with labels.tsv")
+    p = argparse.ArgumentParser(prog="python -m evit.tools.compare", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cli.add_model_args(p, "local .pth/.pt/.safetensors weights (EMA weights preferred, as timm)")
+    cli.add_data_args(p, batch_size=50)
     p.add_argument("--budgets", type=keep_rates, default=[0.7, 0.5], help="paper keep rates naming the budgets")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated variant names")
     p.add_argument("--curve", type=keep_rates, help="budgets for the curve plot (of --curve-variants)")
     p.add_argument("--curve-variants", default="paper,every+drop,every3+nearest+size_attn")
     p.add_argument("--flip", action="store_true", help="also top-1 on the mirrored images (a noise check)")
     p.add_argument("--reuse", type=Path, help="an earlier compare.json: rows of the same variants are not rerun")
-    p.add_argument("--model-kwargs", type=json.loads, default={})
-    p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--limit", type=int, help="use only the first N images")
-    p.add_argument("--cache", type=Path, help="file for the preprocessed images (reused when it matches)")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--out", type=Path, default=Path("runs/compare"))
+    p.add_argument("--cache", type=Path, help="file for the preprocessed images, all held in memory (small sets)")
+    cli.add_output_arg(p, Path("runs/compare"), "folder for compare.json, compare.md and compare.png")
     return p
+
+
+def _setup(args: argparse.Namespace) -> tuple[list[tuple[Path, int]], nn.Module, Source]:
+    dev = cli.device(args.device)
+    items = load_labels(cli.data_dir(args))[: args.limit]
+    model = evit.create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint,
+                              **args.model_kwargs).eval().to(dev)
+    cached = cached_images(items, model, args.cache, args.workers) if args.cache else None
+    loader = None if args.cache else create_image_loader(items, model, args.batch_size, args.workers, dev)
+    precision = lambda: cli.autocast(dev, args.amp, args.amp_dtype)  # noqa: E731
+    return items, model, Source(loader, cached, args.batch_size, dev, precision)
+
+
+def _full(model: nn.Module, source: Source, labels: torch.Tensor, flip: bool) -> tuple[dict, dict]:
+    """The full model's logits ("plain", "mirrored" with ``flip``) and its scores."""
+    logits = {"plain": predict(model, source, 1.0)}  # the full model (keep 1.0 is timm's)
+    if flip:
+        logits["mirrored"] = predict(model, source, 1.0, flip=True)
+    full = {**scores(logits["plain"], labels, logits["plain"]), "gmacs": model.cost(1.0).gmacs}
+    if flip:
+        full["top1_flipped"] = scores(logits["mirrored"], labels, logits["mirrored"])["top1"]
+    return logits, full
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,20 +227,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evit.tools.compare: unknown variants {unknown}; known: {list(VARIANTS)}", file=sys.stderr)
         return 2
     try:
-        items = load_labels(args.images)[: args.limit]
-        model = evit.create_model(args.model, checkpoint_path=args.checkpoint, **args.model_kwargs).eval()
+        items, model, source = _setup(args)
     except (ValueError, OSError, evit.WeightsError) as exc:
         print(f"evit.tools.compare: {exc}", file=sys.stderr)
         return 2
     labels = torch.tensor([c for _, c in items])
-    images = cached_images(items, model, args.cache, args.workers)
     paper_cost = {r: model.cost(r).gmacs for r in sorted({*args.budgets, *(args.curve or [])}, reverse=True)}
-    logits = {"plain": predict(model, images, 1.0, args.batch_size)}  # the full model (keep 1.0 is timm's)
-    if args.flip:
-        logits["mirrored"] = predict(model, images.flip(-1), 1.0, args.batch_size)
-    full = {**scores(logits["plain"], labels, logits["plain"]), "gmacs": model.cost(1.0).gmacs}
-    if args.flip:
-        full["top1_flipped"] = scores(logits["mirrored"], labels, logits["mirrored"])["top1"]
+    logits, full = _full(model, source, labels, args.flip)
 
     done = reusable(args.reuse, args, len(items)) if args.reuse else {}
     needed = ("kl_to_full", "top1_flipped") if args.flip else ("kl_to_full",)  # rows of older runs may lack them
@@ -241,32 +247,37 @@ def main(argv: list[str] | None = None) -> int:
                 if row and (row["keep_rate"], row["stage_rates"]) != _planned(model, paper_cost[r]):
                     del done[name, r]
             todo = {r: paper_cost[r] for r in budgets if (name, r) not in done}
-            new = run_variant(model, VARIANTS[name], todo, images, labels, args.batch_size, logits) if todo else []
+            new = run_variant(model, VARIANTS[name], todo, source, labels, logits) if todo else []
             for row in new:
                 done[name, row["budget_keep_rate"]] = {"variant": name, "options": VARIANTS[name], **row}
                 print(f"{name:>22} @ {row['budget_keep_rate']:g}: top-1 {100 * row['top1']:.1f}% "
                       f"at {row['gmacs']:.3f} GMACs", flush=True)
         return [done[name, r] for name in variant_names for r in budgets if (name, r) in done]
 
-    table_rows = rows_for(names, args.budgets)
-    table_rows.sort(key=lambda r: -r["budget_keep_rate"])
+    table_rows = sorted(rows_for(names, args.budgets), key=lambda r: -r["budget_keep_rate"])
     curve_rows = rows_for(curve_names, args.curve) if args.curve else []
-    args.out.mkdir(parents=True, exist_ok=True)
+    _write(args, len(items), full, table_rows, curve_rows, curve_names)
+    return 0
+
+
+def _write(args: argparse.Namespace, num_images: int, full: dict, table_rows: list[dict], curve_rows: list[dict],
+           curve_names: list[str]) -> None:
+    out = args.output
+    out.mkdir(parents=True, exist_ok=True)
     results = {
-        "tool": "evit.tools.compare", "model": args.model, "weights": str(args.checkpoint), "images": str(args.images),
-        "num_images": len(items), "full": full,
+        "tool": "evit.tools.compare", "model": args.model, "weights": str(args.checkpoint),
+        "images": str(cli.data_dir(args)), "num_images": num_images, "full": full,
         "rows": table_rows, "curve": curve_rows,
     }
-    (args.out / "compare.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "compare.json").write_text(json.dumps(results, indent=2) + "\n")
     table = markdown_table(table_rows, full)
     if curve_rows:
         table += "\n" + curve_table(curve_rows, curve_names)
-    (args.out / "compare.md").write_text(table)
+    (out / "compare.md").write_text(table)
     if curve_rows:
-        title = f"{args.model}, {len(items)} images: top-1 at the paper rule's GMACs"
-        curve_plot(curve_rows, full, args.out / "compare.png", title)
+        title = f"{args.model}, {num_images} images: top-1 at the paper rule's GMACs"
+        curve_plot(curve_rows, full, out / "compare.png", title)
     print(f"full model: top-1 {100 * full['top1']:.1f}% at {full['gmacs']:.3f} GMACs\n{table}", end="")
-    return 0
 
 
 if __name__ == "__main__":

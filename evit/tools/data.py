@@ -8,8 +8,10 @@ folders included) or holds a ``labels.tsv`` (tab-separated, header row, columns 
 
 from __future__ import annotations
 
+import contextlib
 import csv
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -111,3 +113,36 @@ def batches(loader: torch.utils.data.DataLoader, device: torch.device) -> Iterat
     """(images, labels) on ``device``: B,3,H,W; B."""
     for x, y in loader:
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+@dataclass
+class Source:
+    """The images of every pass: timm's loader, re-read each time, or ``cached`` preprocessed images."""
+
+    loader: torch.utils.data.DataLoader | None
+    cached: torch.Tensor | None
+    batch_size: int
+    device: torch.device
+    precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        if self.cached is not None:
+            for i in range(0, len(self.cached), self.batch_size):
+                yield self.cached[i : i + self.batch_size].to(self.device)  # B,3,H,W
+        else:
+            assert self.loader is not None
+            for x, _ in batches(self.loader, self.device):
+                yield x
+
+
+def cached_images(items: list[tuple[Path, int]], model: nn.Module, cache: Path, workers: int) -> torch.Tensor:
+    """Preprocessed images (N,3,H,W), from ``cache`` when it holds these files preprocessed the same way."""
+    key = {"files": [str(p) for p, _ in items], "config": repr(sorted(evit.data_config(model).items()))}
+    if cache.exists():
+        saved = torch.load(cache, weights_only=False)
+        if saved.get("key") == key:
+            return saved["images"]
+    loader = create_image_loader(items, model, 64, workers, torch.device("cpu"))
+    images = torch.cat([x for x, _ in loader])
+    torch.save({"key": key, "images": images}, cache)
+    return images

@@ -68,7 +68,7 @@ class _ClassAttention:
         a = self.attn
         qkv = out.reshape(-1, 3, a.num_heads, a.head_dim).transpose(0, 2)  # heads, 3, N, D
         q, k = a.q_norm(qkv[:, 0]), a.k_norm(qkv[:, 1])  # heads, N, D
-        self.row = class_attention(q[None], k[None], a.scale)[0, self.prefix :].cpu()  # N - prefix
+        self.row = class_attention(q[None], k[None], a.scale)[0, self.prefix :].float().cpu()  # N - prefix
 
 
 @torch.inference_mode()
@@ -76,6 +76,7 @@ def visualize(model: nn.Module, image: Image.Image, keep_rate: float) -> Visuali
     """Run ``model`` on one image at ``keep_rate`` and collect what the figure shows."""
     model.eval()
     x, display = model_input(model, image)
+    x = x.to(next(model.parameters()).device)
     grid = tuple(model.patch_embed.grid_size)
     blocks = list(model.evit_cfg.prune_blocks)
     hook = _ClassAttention(model.blocks[blocks[0]].attn, model.num_prefix_tokens) if blocks else None
@@ -193,7 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fuse", action="store_true", help="drop inattentive tokens instead of fusing them")
     p.add_argument("--response", type=Path, help="draw the stages from a saved service answer (return_tokens=true)")
     p.add_argument("--panel-size", type=int, default=224, help="approximate side of each panel in pixels")
-    p.add_argument("--out", type=Path, default=Path("runs/viz/viz.png"), help="PNG to write (and a .json beside it)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, ...")
+    p.add_argument("--amp", action="store_true", help="mixed precision (torch.autocast)")
+    p.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"), help="the autocast dtype")
+    cli.add_output_arg(p, Path("runs/viz/viz.png"), "PNG to write (and a .json beside it)")
     return p
 
 
@@ -216,15 +220,18 @@ def main(argv: list[str] | None = None) -> int:
             answer = json.loads(args.response.read_text())
             viz, keep_rate = from_response(answer, model_input(model, image)[1]), answer.get("keep_rate")
         else:
-            viz, keep_rate = visualize(model, image, args.keep_rate), args.keep_rate
+            dev = cli.device(args.device)
+            with cli.autocast(dev, args.amp, args.amp_dtype):
+                viz, keep_rate = visualize(model.to(dev), image, args.keep_rate), args.keep_rate
     except (ValueError, OSError, KeyError, evit.WeightsError) as exc:
         print(f"evit-viz: {exc}", file=sys.stderr)
         return 2
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    render(viz, args.panel_size, _imagenet_names(model.num_classes)).save(args.out)
-    args.out.with_suffix(".json").write_text(json.dumps(summary(viz, keep_rate), indent=1) + "\n")
+    out = args.output
+    out.parent.mkdir(parents=True, exist_ok=True)
+    render(viz, args.panel_size, _imagenet_names(model.num_classes)).save(out)
+    out.with_suffix(".json").write_text(json.dumps(summary(viz, keep_rate), indent=1) + "\n")
     kept = ", ".join(f"block {b + 1}: {int(k.sum())}" for b, k in zip(viz.blocks, viz.kept, strict=True))
-    print(f"wrote {args.out} and {args.out.with_suffix('.json')} (patches kept per stage: {kept or 'none'})")
+    print(f"wrote {out} and {out.with_suffix('.json')} (patches kept per stage: {kept or 'none'})")
     return 0
 
 
