@@ -1,6 +1,7 @@
 """evit-loadtest pieces that need no server: histogram, keep-rate mix, arrivals, metrics arithmetic."""
 
 import itertools
+import json
 import math
 import random
 
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 from service.loadtest import promscrape
 from service.loadtest.cli import build_parser, check_target
 from service.loadtest.histogram import LogHistogram
-from service.loadtest.stats import Recorder
+from service.loadtest.stats import RateStats, Recorder
 from service.loadtest.workload import (
     KeepRateMix,
     arrival_offsets,
@@ -208,8 +209,41 @@ def test_recorder_counts_only_successes_in_latency():
     assert out["sent"] == 3 and out["ok"] == 2
     assert out["per_keep_rate"]["0.5"]["within_slo"] == 1 and out["per_keep_rate"]["0.5"]["goodput"] == 0.5
     assert out["per_keep_rate"]["0.5"]["tokens_per_request"] == 10
-    assert out["per_keep_rate"]["1.0"]["errors"] == {"503": 1} and out["per_keep_rate"]["1.0"]["p50"] is None
-    assert out["overall"]["max"] == pytest.approx(0.2)
+    assert out["per_keep_rate"]["1.0"]["errors"] == {"503": 1} and out["per_keep_rate"]["1.0"]["p50_ms"] is None
+    assert out["overall"]["max_ms"] == pytest.approx(200)
+
+
+def test_histogram_saved_and_reread_exactly():
+    rng = random.Random(5)
+    h = LogHistogram()
+    h.record_all([rng.lognormvariate(-4, 1.5) for _ in range(5000)] + [0.0])
+    back = LogHistogram.from_dict(json.loads(json.dumps(h.to_dict())))
+    assert [back.quantile(q) for q in (0, 0.5, 0.99, 0.999, 1)] == [h.quantile(q) for q in (0, 0.5, 0.99, 0.999, 1)]
+    assert (back.count, back.total, back.min, back.max) == (h.count, h.total, h.min, h.max)
+    assert LogHistogram.from_dict(LogHistogram().to_dict()).quantile(0.5) is None
+    broken = {**h.to_dict(), "count": h.count + 1}
+    with pytest.raises(ValueError, match="add up"):
+        LogHistogram.from_dict(broken)
+
+
+def test_p99_9_and_time_series():
+    """1,000 answers: 998 at 10 ms, two at 1 s; p99 sees the former, p99.9 and max the latter."""
+    rec = Recorder(("1.0",), start=100.0)
+    for i in range(1000):
+        rec.on_send("1.0")
+        latency = 1.0 if i >= 998 else 0.010
+        rec.on_answer("1.0", "200", latency, 0.0, None, at=100.0 + i / 400)  # 400 answers per second
+    rec.on_send("1.0")
+    rec.on_answer("1.0", "503", 0.001, 0.0, None, at=103.2)
+    out = rec.to_dict(seconds=3.5)["per_keep_rate"]["1.0"]
+    assert out["p99_ms"] == pytest.approx(10, rel=0.005) and out["p99_9_ms"] == pytest.approx(1000, rel=0.005)
+    assert out["max_ms"] == 1000
+    series = rec.to_dict(seconds=3.5)["time_series"]
+    assert [(r["second"], r["answers"], r["ok"], r["errors"]) for r in series] == [
+        (0, 400, 400, {}), (1, 400, 400, {}), (2, 200, 200, {}), (3, 1, 0, {"503": 1})]
+    assert series[2]["max_ms"] == 1000 and series[0]["p99_ms"] == pytest.approx(10, rel=0.005)
+    state = json.loads(json.dumps(rec.to_state()))
+    assert RateStats.from_state(state["per_keep_rate"]["1.0"]).to_dict(3.5, None) == out
 
 
 def test_loopback_only_unless_allowed():

@@ -1,6 +1,7 @@
 """`evit-loadtest`: drive an evit-serve instance and report latency per keep rate.
 
-evit-loadtest --url http://127.0.0.1:8000 --rate 20 --duration 30 --keep-rates 0.5:1,0.7:2,1.0:1 --out runs/lt
+evit-loadtest --url http://127.0.0.1:8000 --rate 20 --duration 30 --keep-rates 0.5:1,0.7:2,1.0:1 --output runs/lt
+evit-loadtest report runs/lt-a runs/lt-b --output runs/lt-merged   (re-read and merge saved histograms)
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ def _pairs(items: list[str], sep: str, what: str) -> dict[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="evit-loadtest", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="evit-loadtest", description=__doc__.split("\n\n")[0],
+                                epilog="evit-loadtest report RUN [RUN ...]: merge and re-read saved runs",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the service's base URL")
     load = p.add_mutually_exclusive_group(required=True)
     load.add_argument("--rate", type=_positive(float), help="open loop: target requests/s")
@@ -72,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-inflight", type=_positive(int), default=512, help="cap on open requests")
     p.add_argument("--slo-ms", type=_positive(float), help="count answers within this latency (goodput)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("runs/loadtest"), help="folder for the results")
+    p.add_argument("--output", type=Path, default=Path("runs/loadtest"), help="folder for the results")
+    p.add_argument("--out", dest="output", type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback target")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no table")
     return p
@@ -108,6 +112,11 @@ def build_phases(args: argparse.Namespace) -> list[Phase]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:
+        from service.loadtest import merge
+
+        return merge.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -139,30 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bar.close()
 
-    results = {
-        "tool": "evit-loadtest",
-        "url": args.url,
-        "latency_unit": "seconds",
-        "config": {
-            "keep_rates": mix.fractions(),
-            "images": str(args.images) if args.images else None,
-            "generated_images": None if args.images else len(images),
-            "warmup": args.warmup,
-            "duration": args.duration,
-            "max_requests": args.max_requests,
-            "model": args.model,
-            "slo": args.slo_ms / 1e3 if args.slo_ms else None,
-            "seed": args.seed,
-        },
-        **{k: v for k, v in steps[-1].items()},
-        "steps": steps,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    paths = [
-        report.write_json(results, args.out),
-        report.write_csv(results, args.out),
-        report.write_png(results, args.out),
-    ]
+    paths, results = write_outputs(args, mix, images, steps)
     if not args.quiet:
         print(report.format_table(results))
         print("wrote " + ", ".join(str(p) for p in paths))
@@ -170,6 +156,34 @@ def main(argv: list[str] | None = None) -> int:
         print("evit-loadtest: no request succeeded (see errors above)", file=sys.stderr)
         return 1
     return 0
+
+
+def write_outputs(args: argparse.Namespace, mix: KeepRateMix, images: list, steps: list[dict]) -> tuple[list, dict]:
+    """results.json, results.csv, timeseries.csv, histograms.json and latency.png in --output."""
+    config = {
+        "keep_rates": mix.fractions(),
+        "images": str(args.images) if args.images else None,
+        "generated_images": None if args.images else len(images),
+        "warmup": args.warmup,
+        "duration": args.duration,
+        "max_requests": args.max_requests,
+        "model": args.model,
+        "slo_ms": args.slo_ms,
+        "seed": args.seed,
+    }
+    histograms = report.split_state(steps, args.slo_ms / 1e3 if args.slo_ms else None)
+    results = {"tool": "evit-loadtest", "url": args.url, "latency_unit": "milliseconds", "config": config,
+               **steps[-1], "steps": steps}
+    out = args.output
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [
+        report.write_json(results, out),
+        report.write_csv(results, out),
+        report.write_series(results, out),
+        report.write_histograms({"url": args.url, **config}, histograms, out),
+        report.write_png(results, out),
+    ]
+    return paths, results
 
 
 if __name__ == "__main__":

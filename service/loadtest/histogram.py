@@ -4,7 +4,8 @@ Bucket ``i`` holds the values in ``(gamma**(i-1), gamma**i]`` with ``gamma = (1+
 reported for a bucket is ``2*gamma**i/(gamma+1)``, which is within a relative error ``e`` of every
 value the bucket holds. Memory grows with the logarithm of the value range, not with the number of
 samples: with ``e = 0.5%`` one microsecond to one hour needs about 2,200 buckets at most, whether a run
-records a hundred latencies or a hundred million.
+records a hundred latencies or a hundred million. ``to_dict`` / ``from_dict`` save the counts as JSON, so
+histograms of separate runs (or load generators) can be merged and re-read later.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable
+from typing import Any
 
 
 class LogHistogram:
@@ -62,6 +64,32 @@ class LogHistogram:
         self.total += other.total
         self.min = min(self.min, other.min)
         self.max = max(self.max, other.max)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The whole histogram as JSON-ready data (bucket index -> count, values in the recorded unit)."""
+        return {
+            "rel_error": self.rel_error,
+            "lowest": self.lowest,
+            "count": self.count,
+            "total": self.total,
+            "min": self.min if self.count else None,
+            "max": self.max if self.count else None,
+            "at_or_below_lowest": self._low,
+            "buckets": {str(i): n for i, n in sorted(self._buckets.items())},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LogHistogram:
+        """The histogram ``to_dict`` saved; ValueError when the counts do not add up."""
+        h = cls(float(data["rel_error"]), float(data["lowest"]))
+        h._buckets.update({int(i): int(n) for i, n in data["buckets"].items()})
+        h._low = int(data["at_or_below_lowest"])
+        h.count, h.total = int(data["count"]), float(data["total"])
+        if h.count != h._low + sum(h._buckets.values()) or any(n < 0 for n in h._buckets.values()):
+            raise ValueError("histogram counts do not add up")
+        if h.count:
+            h.min, h.max = float(data["min"]), float(data["max"])
+        return h
 
     def _bucket_value(self, index: int) -> float:
         return 2.0 * self._gamma**index / (self._gamma + 1.0)

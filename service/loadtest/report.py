@@ -1,4 +1,8 @@
-"""evit-loadtest's outputs: results.json, results.csv, latency.png and the table printed for people."""
+"""evit-loadtest's outputs: results.json, results.csv, timeseries.csv, histograms.json, latency.png and the table.
+
+Latencies are in milliseconds everywhere a person reads them, with the unit in the name (``p50_ms``), as
+Locust and k6 report them; histograms.json keeps the raw histograms (seconds) so runs can be merged.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,9 @@ import csv
 import json
 from pathlib import Path
 
-LATENCY_KEYS = ("p50", "p90", "p95", "p99", "max")
+from service.loadtest.stats import LATENCY_KEYS
+
+HISTOGRAMS_FORMAT = "evit-loadtest-histograms/1"
 CSV_FIELDS = (
     "step",
     "mode",
@@ -16,10 +22,12 @@ CSV_FIELDS = (
     "sent",
     "ok",
     "errors",
-    "throughput",
+    "throughput_rps",
     *LATENCY_KEYS,
+    "mean_ms",
     "server_tokens_per_second",
 )
+SERIES_FIELDS = ("step", "second", "answers", "ok", "errors", "p50_ms", "p99_ms", "max_ms")
 
 
 def write_json(results: dict, out: Path) -> Path:
@@ -55,11 +63,36 @@ def write_csv(results: dict, out: Path) -> Path:
                         "sent": stats["sent"],
                         "ok": stats["ok"],
                         "errors": _errors_text(stats["errors"]),
-                        "throughput": stats["throughput"],
-                        **{k: stats[k] for k in LATENCY_KEYS},
+                        "throughput_rps": stats["throughput"],
+                        **{k: stats[k] for k in (*LATENCY_KEYS, "mean_ms")},
                         "server_tokens_per_second": server_tps,
                     }
                 )
+    return path
+
+
+def write_series(results: dict, out: Path) -> Path:
+    """The per-second time series of every step: answers that came back in each second, their latencies."""
+    path = out / "timeseries.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SERIES_FIELDS)
+        writer.writeheader()
+        for i, step in enumerate(results["steps"]):
+            for row in step["time_series"]:
+                writer.writerow({"step": i, **row, "errors": _errors_text(row["errors"])})
+    return path
+
+
+def split_state(steps: list[dict], slo: float | None) -> list[dict]:
+    """Take each step's raw ``state`` out of the report and return the steps as histograms.json keeps them."""
+    keys = ("mode", "target_rate", "concurrency", "arrivals", "seconds")
+    return [{**{k: step[k] for k in keys}, "slo": slo, "state": step.pop("state")} for step in steps]
+
+
+def write_histograms(config: dict, states: list[dict], out: Path) -> Path:
+    """Every step's raw counts and histograms (seconds): what ``evit-loadtest report`` merges and re-reads."""
+    path = out / "histograms.json"
+    path.write_text(json.dumps({"format": HISTOGRAMS_FORMAT, "config": config, "steps": states}) + "\n")
     return path
 
 
@@ -76,11 +109,11 @@ def write_png(results: dict, out: Path) -> Path:
     ax = axes[0][0]
     last = steps[-1]
     for label, stats in [*last["per_keep_rate"].items(), ("all", last["overall"])]:
-        if stats["p50"] is None:
+        if stats["p50_ms"] is None:
             continue  # nothing succeeded at this keep rate: see its errors in the table
-        ys = [stats[k] * 1e3 if stats[k] is not None else float("nan") for k in LATENCY_KEYS]
+        ys = [stats[k] if stats[k] is not None else float("nan") for k in LATENCY_KEYS]
         ax.plot(
-            LATENCY_KEYS,
+            [k.removesuffix("_ms").replace("_", ".") for k in LATENCY_KEYS],
             ys,
             marker="o",
             label=f"keep {label}" if label != "all" else "all",
@@ -94,13 +127,13 @@ def write_png(results: dict, out: Path) -> Path:
     if sweep:
         ax = axes[0][1]
         xs = [s["throughput"] for s in steps]
-        for key, style in (("p50", "o-"), ("p99", "s-")):
-            ys = [s["overall"][key] * 1e3 if s["overall"][key] is not None else float("nan") for s in steps]
-            ax.plot(xs, ys, style, label=f"{key} (all)")
+        for key, style in (("p50_ms", "o-"), ("p99_ms", "s-")):
+            ys = [s["overall"][key] if s["overall"][key] is not None else float("nan") for s in steps]
+            ax.plot(xs, ys, style, label=f"{key.removesuffix('_ms')} (all)")
         for s, x in zip(steps, xs, strict=True):
             ax.annotate(
                 _step_value(s),
-                (x, (s["overall"]["p99"] or 0) * 1e3),
+                (x, s["overall"]["p99_ms"] or 0),
                 fontsize=7,
                 textcoords="offset points",
                 xytext=(3, 3),
@@ -140,6 +173,10 @@ def _step_title(step: dict) -> str:
 
 
 def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _s_as_ms(value: float | None) -> str:
     return "-" if value is None else f"{value * 1e3:.1f}"
 
 
@@ -148,9 +185,7 @@ def format_table(results: dict) -> str:
     lines = []
     for step in results["steps"]:
         lines.append(f"== {_step_title(step)}: {step['seconds']:.2f} s, sent {step['sent']}, ok {step['ok']}")
-        head = f"{'keep_rate':>9} {'sent':>7} {'ok':>7} {'req/s':>8} " + " ".join(
-            f"{k + ' ms':>9}" for k in LATENCY_KEYS
-        )
+        head = f"{'keep_rate':>9} {'sent':>7} {'ok':>7} {'req/s':>8} " + " ".join(f"{k:>9}" for k in LATENCY_KEYS)
         lines.append(head + "  errors")
         for label, s in [*step["per_keep_rate"].items(), ("all", step["overall"])]:
             lines.append(
@@ -159,8 +194,8 @@ def format_table(results: dict) -> str:
                 + f"  {_errors_text(s['errors']) or '-'}"
             )
         lag = step["client_send_lag"]
-        if step["mode"] == "open" and lag["p99"] is not None:
-            lines.append(f"client send lag p99 {_ms(lag['p99'])} ms (how late the generator itself sent)")
+        if step["mode"] == "open" and lag["p99_ms"] is not None:
+            lines.append(f"client send lag p99 {_ms(lag['p99_ms'])} ms (how late the generator itself sent)")
         lines.extend(_server_lines(step))
     return "\n".join(lines)
 
@@ -180,7 +215,8 @@ def _server_lines(step: dict) -> list[str]:
         mean_bs = "-" if m["mean_batch_size"] is None else f"{m['mean_batch_size']:.2f}"
         lines.append(
             f"  model {model}: {m['batches']:.0f} batches, mean batch size {mean_bs}, queue wait mean "
-            f"{_ms(m['queue_wait_mean'])} ms, p50 {_ms(m['queue_wait_p50'])} ms, p99 {_ms(m['queue_wait_p99'])} ms"
+            f"{_s_as_ms(m['queue_wait_mean'])} ms, p50 {_s_as_ms(m['queue_wait_p50'])} ms, "
+            f"p99 {_s_as_ms(m['queue_wait_p99'])} ms"
         )
     check = step["cross_check"]
     verdict = "match" if check["match"] else "MISMATCH"

@@ -4,18 +4,23 @@ Open loop: request ``i`` has a scheduled send time fixed before the run (Poisson
 arrivals) and its latency is measured from that time, not from when it actually left. A server that
 stalls therefore shows its queueing in the latencies instead of silently slowing the load down (no
 coordinated omission). How late the generator itself sent is reported separately (``client_send_lag``).
+
+Requests go out on aiohttp, whose client costs a fraction of httpx's CPU per request
+(benchmarks/loadclient.py measures both), so the generator does not take the CPU of the server it measures.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
+from yarl import URL
 
 from service.loadtest import promscrape
 from service.loadtest.stats import Recorder
@@ -71,51 +76,62 @@ class LoadGenerator:
         self._inflight = asyncio.Semaphore(max_inflight)
         self._on_answer = on_answer or (lambda: None)
         self._url = target.url.rstrip("/") + target.endpoint
+        self._urls: dict[str, URL] = {}
 
-    def client(self) -> httpx.AsyncClient:
-        limits = httpx.Limits(max_connections=self._max_inflight, max_keepalive_connections=self._max_inflight)
+    def client(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(limit=self._max_inflight, limit_per_host=self._max_inflight)
+        timeout = aiohttp.ClientTimeout(total=self.target.timeout)
         # trust_env=False: never route loopback load through a proxy named in the environment.
-        return httpx.AsyncClient(limits=limits, timeout=self.target.timeout, trust_env=False)
+        return aiohttp.ClientSession(connector=connector, timeout=timeout, trust_env=False)
 
-    async def _post(self, client: httpx.AsyncClient, label: str, image: Image) -> tuple[str, object]:
-        params = dict(self.target.params)
-        if label != DEFAULT_RATE:
-            params["keep_rate"] = label
-        if self.target.model:
-            params["model"] = self.target.model
+    def _url_for(self, label: str) -> URL:
+        """The request URL of a keep-rate label, built once per label (query encoding costs CPU)."""
+        url = self._urls.get(label)
+        if url is None:
+            params = dict(self.target.params)
+            if label != DEFAULT_RATE:
+                params["keep_rate"] = label
+            if self.target.model:
+                params["model"] = self.target.model
+            url = self._urls[label] = URL(self._url).with_query(params)
+        return url
+
+    async def _post(self, client: aiohttp.ClientSession, label: str, image: Image) -> tuple[str, object]:
         headers = {"content-type": image.content_type, **self.target.headers}
         try:
-            response = await client.post(self._url, params=params, content=image.data, headers=headers)
-        except httpx.TimeoutException:
+            async with client.post(self._url_for(label), data=image.data, headers=headers) as response:
+                raw = await response.read()
+                status, json_body = response.status, response.content_type == "application/json"
+        except TimeoutError:
             return "timeout", None
-        except httpx.TransportError:
+        except aiohttp.ClientError:
             return "connection_error", None
         body = None
-        if response.is_success and response.headers.get("content-type", "").startswith("application/json"):
+        if 200 <= status < 300 and json_body:
             try:
-                body = response.json()
+                body = json.loads(raw)
             except ValueError:
                 body = None
-        return str(response.status_code), body
+        return str(status), body
 
     async def _send(
-        self, client: httpx.AsyncClient, label: str, image: Image, scheduled: float, rec: Recorder | None
+        self, client: aiohttp.ClientSession, label: str, image: Image, scheduled: float, rec: Recorder | None
     ) -> None:
         async with self._inflight:
             sent_at = time.perf_counter()
             status, body = await self._post(client, label, image)
         done = time.perf_counter()
         if rec is not None:
-            rec.on_answer(label, status, done - scheduled, sent_at - scheduled, body)
+            rec.on_answer(label, status, done - scheduled, sent_at - scheduled, body, done)
         self._on_answer()
 
-    async def run_phase(self, client: httpx.AsyncClient, phase: Phase, rec: Recorder | None) -> float:
+    async def run_phase(self, client: aiohttp.ClientSession, phase: Phase, rec: Recorder | None) -> float:
         """Run ``phase`` (``rec=None``: a warm-up, not recorded); returns its seconds, drain included."""
         if phase.rate is not None:
             return await self._open(client, phase, rec)
         return await self._closed(client, phase, rec)
 
-    async def _open(self, client: httpx.AsyncClient, phase: Phase, rec: Recorder | None) -> float:
+    async def _open(self, client: aiohttp.ClientSession, phase: Phase, rec: Recorder | None) -> float:
         assert phase.rate is not None
         tasks: set[asyncio.Task] = set()
         start = time.perf_counter()
@@ -135,7 +151,7 @@ class LoadGenerator:
         await asyncio.gather(*tasks)
         return time.perf_counter() - start
 
-    async def _closed(self, client: httpx.AsyncClient, phase: Phase, rec: Recorder | None) -> float:
+    async def _closed(self, client: aiohttp.ClientSession, phase: Phase, rec: Recorder | None) -> float:
         assert phase.concurrency is not None
         start = time.perf_counter()
         deadline = start + phase.duration
@@ -153,14 +169,14 @@ class LoadGenerator:
         await asyncio.gather(*(one_client() for _ in range(phase.concurrency)))
         return time.perf_counter() - start
 
-    async def scrape(self, client: httpx.AsyncClient) -> tuple[promscrape.Snapshot | None, str | None]:
+    async def scrape(self, client: aiohttp.ClientSession) -> tuple[promscrape.Snapshot | None, str | None]:
         """The server's metrics now, or (None, why) when they cannot be read."""
         url = self.target.url.rstrip("/") + "/metrics"
         try:
-            response = await client.get(url, headers=self.target.headers)
-            response.raise_for_status()
-            return promscrape.parse_metrics(response.text), None
-        except (httpx.HTTPError, ValueError) as exc:
+            async with client.get(url, headers=self.target.headers, raise_for_status=True) as response:
+                text = await response.text()
+            return promscrape.parse_metrics(text), None
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             return None, f"could not read {url}: {type(exc).__name__}: {exc}"
 
 
@@ -174,7 +190,7 @@ async def run_steps(gen: LoadGenerator, phases: list[Phase], warmup: float, slo:
         for phase in phases:
             await asyncio.sleep(SETTLE_S)
             before, error = await gen.scrape(client)
-            rec = Recorder(gen.mix.labels, slo)
+            rec = Recorder(gen.mix.labels, slo, start=time.perf_counter())
             seconds = await gen.run_phase(client, phase, rec)
             await asyncio.sleep(SETTLE_S)
             after, error_after = await gen.scrape(client)
@@ -184,6 +200,7 @@ async def run_steps(gen: LoadGenerator, phases: list[Phase], warmup: float, slo:
                 "concurrency": phase.concurrency,
                 "arrivals": phase.arrivals if phase.mode == "open" else None,
                 **rec.to_dict(seconds),
+                "state": rec.to_state(),
                 "server": None,
                 "cross_check": None,
                 "metrics_error": error or error_after,
