@@ -98,15 +98,11 @@ def overload(url: str, args: argparse.Namespace, images: list[str], name: str, k
     refused = {dict(labels)["stage"]: v for (n, labels), v in delta.items() if n == "evit_deadline_refused_total"}
     return {
         "sent": o["sent"], "ok": o["ok"], "within": o["within_slo"], "seconds": res["seconds"],
-        "p50_ms": _ms(o["p50"]), "p99_ms": _ms(o["p99"]), "mean_keep_rate": o.get("mean_keep_rate_used"),
-        "errors": o["errors"], "client_send_lag_p99_ms": _ms(res["client_send_lag"]["p99"]),
+        "p50_ms": o["p50_ms"], "p99_ms": o["p99_ms"], "mean_keep_rate": o.get("mean_keep_rate_used"),
+        "errors": o["errors"], "client_send_lag_p99_ms": res["client_send_lag"]["p99_ms"],
         "load_average": os.getloadavg()[0], "server_deadline_refused": refused,
         "latency_model": httpx.get(f"{url}/models", timeout=10).json()["models"][0].get("latency_model"),
     }
-
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else 1000 * seconds
 
 
 def combine(rounds: list[dict[str, Any]], keep_rate: str, with_deadline: bool) -> dict[str, Any]:
