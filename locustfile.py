@@ -8,7 +8,8 @@ Each request is reported under the name ``/classify keep_rate=<rate>``, so Locus
 (percentiles, failures by status) come out per keep rate. Users run back to back (closed loop) unless
 ``--pacing S`` starts each user's requests every S seconds (Locust's constant_pacing). Targets loopback
 only unless ``--allow-remote``. Locust measures from the actual send: for open-loop latency free of
-coordinated omission use evit-loadtest.
+coordinated omission use evit-loadtest. Users are Locust's ``FastHttpUser`` (geventhttpclient), whose client
+costs several times less CPU per request than the requests-based ``HttpUser``.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import functools
 import random
 import time
 from pathlib import Path
+from urllib.parse import urlencode
 
-from locust import HttpUser, events, task
+from locust import FastHttpUser, events, task
 from locust.exception import StopUser
 
 from service.loadtest.cli import check_target
@@ -51,7 +53,7 @@ def _images(folder: str) -> list:
     return load_images(Path(folder)) if folder else generate_images(8)
 
 
-class EvitUser(HttpUser):
+class EvitUser(FastHttpUser):
     def wait_time(self) -> float:
         pacing = self.environment.parsed_options.pacing if self.environment.parsed_options else 0.0
         if pacing <= 0:
@@ -79,9 +81,9 @@ class EvitUser(HttpUser):
         params = {} if label == DEFAULT_RATE else {"keep_rate": label}
         if self.model:
             params["model"] = self.model
+        query = f"?{urlencode(params)}" if params else ""
         with self.client.post(
-            "/classify",
-            params=params,
+            f"/classify{query}",
             data=image.data,
             headers={"content-type": image.content_type},
             name=f"/classify keep_rate={label}",

@@ -1,19 +1,22 @@
 """locustfile.py against the fake server of test_loadtest_e2e: stats per keep rate, loopback only.
 
-Needs a `locust` executable (``pip install locust``, or ``EVIT_LOCUST=/path/to/locust``); skipped without.
+Needs a `locust` executable: ``EVIT_LOCUST``, else the one beside this Python (the project's venv), else on PATH;
+skipped without.
 """
 
 import csv
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from test_loadtest_e2e import fake_server
 
 ROOT = Path(__file__).resolve().parents[1]
-LOCUST = os.environ.get("EVIT_LOCUST") or shutil.which("locust")
+_BESIDE = Path(sys.executable).with_name("locust")
+LOCUST = os.environ.get("EVIT_LOCUST") or (str(_BESIDE) if _BESIDE.exists() else shutil.which("locust"))
 pytestmark = pytest.mark.skipif(LOCUST is None, reason="locust is not installed (pip install locust)")
 
 
