@@ -76,3 +76,23 @@ def test_model_kwargs_key_value_end_to_end(tmp_path):
     assert evit_eval.main(args) == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [(r["top1"], r["tokens"]) for r in rows] == [(r["top1"], r["tokens"]) for r in as_json["rows"]]
+
+
+def test_prefetching_loader_matches_the_plain_one(tmp_path):
+    """The loader the tools use on CUDA (timm's prefetcher: normalization after batching, on the device) gives
+    the plain loader's tensors; run here on the CPU device, as no GPU is required."""
+    import evit
+    from evit.tools.data import create_image_loader, load_labels
+
+    write_images(tmp_path / "data" / "a", 5, seed=1)
+    write_images(tmp_path / "data" / "b", 2, seed=2)
+    items = load_labels(tmp_path / "data")
+    model = evit.create_model("vit_tiny_patch16_224", **TINY)
+    cpu = torch.device("cpu")
+    plain = list(create_image_loader(items, model, 3, 0, cpu, prefetch=False))
+    fetched = list(create_image_loader(items, model, 3, 0, cpu, prefetch=True))
+    assert [len(y) for _, y in plain] == [3, 3, 1] and [y.tolist() for _, y in plain] == [[0, 0, 0], [0, 0, 1], [1]]
+    for (x, y), (fx, fy) in zip(plain, fetched, strict=True):
+        assert x.shape == fx.shape == (len(y), 3, 32, 32) and fx.dtype == torch.float32
+        torch.testing.assert_close(fx, x, atol=1e-5, rtol=0)
+        assert torch.equal(fy, y)

@@ -84,12 +84,15 @@ class LabelsReader(Reader):
 
 def create_image_loader(
     items: list[tuple[Path, int]], model: nn.Module, batch_size: int, workers: int, device: torch.device,
+    prefetch: bool | None = None,
 ) -> torch.utils.data.DataLoader:
     """timm's eval loader for ``model``'s data config (``evit.data_config``): batches of (B,3,H,W; B).
 
-    On CUDA it is timm's prefetching loader (normalization on the device, as timm's validate.py); on CPU the
-    plain loader, whose preprocessing is exactly ``timm.data.create_transform(**data_config)``.
+    ``prefetch`` (default: on CUDA) is timm's prefetching loader (uint8 batches normalized on the device, as
+    timm's validate.py); otherwise the plain loader, whose preprocessing is exactly
+    ``timm.data.create_transform(**data_config)``.
     """
+    prefetch = device.type == "cuda" if prefetch is None else prefetch
     cfg = evit.data_config(model)
     return create_loader(
         ImageDataset("", reader=LabelsReader(items)),
@@ -103,7 +106,7 @@ def create_image_loader(
         crop_mode=cfg.get("crop_mode"),
         num_workers=workers,
         device=device,
-        use_prefetcher=device.type == "cuda",
+        use_prefetcher=prefetch,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )

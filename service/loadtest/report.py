@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from service.loadtest.stats import LATENCY_KEYS
@@ -40,47 +41,46 @@ def _errors_text(errors: dict[str, int]) -> str:
     return ";".join(f"{code}:{n}" for code, n in sorted(errors.items()))
 
 
+def _write_rows(path: Path, fields: tuple[str, ...], rows: Iterable[dict]) -> Path:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
 def write_csv(results: dict, out: Path) -> Path:
     """One row per step and keep rate, plus an ``all`` row per step."""
-    path = out / "results.csv"
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        for i, step in enumerate(results["steps"]):
-            server_rates = (step.get("server") or {}).get("per_keep_rate", {})
-            rows = [*step["per_keep_rate"].items(), ("all", step["overall"])]
-            for label, stats in rows:
-                server_tps = (server_rates.get(label) or {}).get("tokens_per_second")
-                if label == "all" and step.get("server"):
-                    server_tps = step["server"]["tokens_per_second"]
-                writer.writerow(
-                    {
-                        "step": i,
-                        "mode": step["mode"],
-                        "target_rate": step["target_rate"],
-                        "concurrency": step["concurrency"],
-                        "keep_rate": label,
-                        "sent": stats["sent"],
-                        "ok": stats["ok"],
-                        "errors": _errors_text(stats["errors"]),
-                        "throughput_rps": stats["throughput"],
-                        **{k: stats[k] for k in (*LATENCY_KEYS, "mean_ms")},
-                        "server_tokens_per_second": server_tps,
-                    }
-                )
-    return path
+    return _write_rows(out / "results.csv", CSV_FIELDS, _csv_rows(results))
+
+
+def _csv_rows(results: dict) -> Iterator[dict]:
+    for i, step in enumerate(results["steps"]):
+        server_rates = (step.get("server") or {}).get("per_keep_rate", {})
+        for label, stats in [*step["per_keep_rate"].items(), ("all", step["overall"])]:
+            server_tps = (server_rates.get(label) or {}).get("tokens_per_second")
+            if label == "all" and step.get("server"):
+                server_tps = step["server"]["tokens_per_second"]
+            yield {
+                "step": i,
+                "mode": step["mode"],
+                "target_rate": step["target_rate"],
+                "concurrency": step["concurrency"],
+                "keep_rate": label,
+                "sent": stats["sent"],
+                "ok": stats["ok"],
+                "errors": _errors_text(stats["errors"]),
+                "throughput_rps": stats["throughput"],
+                **{k: stats[k] for k in (*LATENCY_KEYS, "mean_ms")},
+                "server_tokens_per_second": server_tps,
+            }
 
 
 def write_series(results: dict, out: Path) -> Path:
     """The per-second time series of every step: answers that came back in each second, their latencies."""
-    path = out / "timeseries.csv"
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=SERIES_FIELDS)
-        writer.writeheader()
-        for i, step in enumerate(results["steps"]):
-            for row in step["time_series"]:
-                writer.writerow({"step": i, **row, "errors": _errors_text(row["errors"])})
-    return path
+    rows = ({"step": i, **row, "errors": _errors_text(row["errors"])}
+            for i, step in enumerate(results["steps"]) for row in step["time_series"])
+    return _write_rows(out / "timeseries.csv", SERIES_FIELDS, rows)
 
 
 def split_state(steps: list[dict], slo: float | None) -> list[dict]:
