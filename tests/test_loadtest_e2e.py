@@ -215,6 +215,15 @@ def test_saved_histograms_merge_and_reread(tmp_path):
         loadtest_main(["report", str(tmp_path / "nothing-here"), "--output", str(tmp_path / "x")])
 
 
+def test_client_timeouts_are_counted(tmp_path):
+    """Answers slower than --timeout are counted as "timeout" errors (and nothing succeeded: exit status 1)."""
+    with fake_server("--latency", "1.0=1.5") as url:
+        args = f"--url {url} --concurrency 2 --duration 0.5 --warmup 0 --timeout 0.3 --generated 1 --image-size 16"
+        assert loadtest_main([*args.split(), "--output", str(tmp_path), "--quiet"]) == 1
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["ok"] == 0 and res["sent"] >= 2 and res["overall"]["errors"] == {"timeout": res["sent"]}
+
+
 def test_refuses_remote_target_without_sending(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         loadtest_main(["--url", "http://192.0.2.1:8000", "--rate", "1", "--duration", "1", "--out", str(tmp_path)])

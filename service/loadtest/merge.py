@@ -79,7 +79,7 @@ def merge_runs(runs: list[dict]) -> list[dict]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evit-loadtest report", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
     p.add_argument("runs", nargs="+", type=Path, help="run folders (or their histograms.json files)")
-    p.add_argument("--output", "--out", type=Path, default=Path("runs/loadtest-report"), help="folder for the report")
+    p.add_argument("--output", type=Path, default=Path("runs/loadtest-report"), help="folder for the report")
     p.add_argument("--quiet", action="store_true")
     return p
 
