@@ -192,8 +192,7 @@ def _images(req: V2InferRequest, binary: bytes) -> list[bytes]:
     binary data exactly (400 otherwise: never truncated or padded)."""
     offset = 0
     images: list[bytes] | None = None
-    for tensor in req.inputs:
-        size = _binary_size(tensor, len(binary) - offset)
+    for tensor, size in zip(req.inputs, _binary_sizes(req, len(binary)), strict=True):
         chunk = b""
         if size is not None:
             chunk, offset = binary[offset : offset + size], offset + size
@@ -203,27 +202,24 @@ def _images(req: V2InferRequest, binary: bytes) -> list[bytes]:
         if len(images) != math.prod(tensor.shape):
             raise ApiError(422, f"input {tensor.name} has shape {tensor.shape} but {len(images)} elements",
                            "invalid_parameter")
-    if offset != len(binary):
-        raise ApiError(400, f"the binary data after the JSON header is {len(binary)} bytes but the inputs' "
-                       f"binary_data_size add up to {offset}", "bad_binary_data_size")
     if not images:
         raise ApiError(422, "the request needs one BYTES input holding encoded images (base64 in JSON)",
                        "invalid_parameter")
     return images
 
 
-def _binary_size(tensor: V2Tensor, left: int) -> int | None:
-    """The input's ``binary_data_size``: a JSON integer in [0, the binary bytes not yet taken]."""
-    size = (tensor.parameters or {}).get("binary_data_size")
-    if size is None:
-        return None
-    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        raise ApiError(400, f"input {tensor.name[:64]!r}: binary_data_size must be a non-negative JSON integer, "
-                       f"got {str(size)[:32]!r}", "bad_binary_data_size")
-    if size > left:
-        raise ApiError(400, f"input {tensor.name[:64]!r}: binary_data_size {size} is more than the {left} bytes "
-                       "of binary data left", "bad_binary_data_size")
-    return size
+def _binary_sizes(req: V2InferRequest, total: int) -> list[int | None]:
+    """Each input's ``binary_data_size`` (a JSON integer >= 0, or absent); together exactly ``total``."""
+    sizes = [(tensor.parameters or {}).get("binary_data_size") for tensor in req.inputs]
+    for tensor, size in zip(req.inputs, sizes, strict=True):
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+            raise ApiError(400, f"input {tensor.name[:64]!r}: binary_data_size must be a non-negative JSON "
+                           f"integer, got {str(size)[:32]!r}", "bad_binary_data_size")
+    claimed = sum(s for s in sizes if s is not None)
+    if claimed != total:
+        raise ApiError(400, f"the binary data after the JSON header is {total} bytes but the inputs' "
+                       f"binary_data_size add up to {claimed}", "bad_binary_data_size")
+    return sizes
 
 
 def _flatten(data: list[Any] | None) -> list[Any]:

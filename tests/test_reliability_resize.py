@@ -9,10 +9,8 @@ grow past 1.5 GB, so a regression fails the test instead of taking the machine's
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import struct
 import threading
 import time
 
@@ -21,6 +19,7 @@ import pytest
 from _hostile import encode, noise, png_zero_rows_bomb
 from _live import VIT_TI_224, live_server
 from _reliability import record
+from test_service_v2 import binary_request
 
 pytestmark = pytest.mark.slow
 SIZES = [(1, n) for n in (10**4, 10**5, 10**6)] + [(n, 1) for n in (10**4, 10**5, 10**6)]
@@ -60,14 +59,6 @@ class RssWatch:
         self._thread.join(5)
 
 
-def v2_binary(images: list[bytes]) -> tuple[bytes, dict[str, str]]:
-    raw = b"".join(struct.pack("<I", len(i)) + i for i in images)
-    header = json.dumps({"inputs": [{"name": "image", "shape": [len(images)], "datatype": "BYTES",
-                                     "parameters": {"binary_data_size": len(raw)}}]}).encode()
-    return header + raw, {"content-type": "application/octet-stream",
-                          "inference-header-content-length": str(len(header))}
-
-
 def test_thin_images_refused_before_any_large_allocation(tmp_path) -> None:
     bombs = {size: png_zero_rows_bomb(*size) for size in SIZES}
     normal = encode(noise((320, 240)), "JPEG")
@@ -82,9 +73,9 @@ def test_thin_images_refused_before_any_large_allocation(tmp_path) -> None:
                 times[f"{w}x{h}"] = time.perf_counter() - start
                 assert r.status_code == 422 and r.json()["error"] == "extreme_aspect_ratio", r.text
                 assert f"{w}x{h}" in r.json()["message"] and "max_image_aspect_ratio" in r.json()["message"]
-            body, headers = v2_binary([bombs[(1, 10**6)], bombs[(10**6, 1)]] * 4)
+            body, length = binary_request([bombs[(1, 10**6)], bombs[(10**6, 1)]] * 4)
             start = time.perf_counter()
-            r = client.post("/v2/models/vit/infer", content=body, headers=headers)
+            r = client.post("/v2/models/vit/infer", content=body, headers={"inference-header-content-length": length})
             times["v2 x8"] = time.perf_counter() - start
             assert r.status_code == 422 and r.json()["error"] == "extreme_aspect_ratio", r.text
         assert not watch.killed, f"server RSS grew past {WATCHDOG_MB} MB: killed"
