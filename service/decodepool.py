@@ -38,6 +38,10 @@ class DecodePool:
         """``fn(data)`` on a decode thread; 504 when a slot or the result does not come by ``deadline``
         (``time.monotonic()`` seconds)."""
         await self._acquire(deadline)
+        if time.monotonic() >= deadline:  # nothing is started for a request already out of time
+            self._release()
+            raise ApiError(504, "the request's deadline or the request timeout passed before its image could be "
+                           "decoded", "timeout")
         future = self.executor.submit(fn, data)
         result = asyncio.wrap_future(future)
         result.add_done_callback(_retrieve)

@@ -79,3 +79,30 @@ async def test_slow_decodes_do_not_hold_normal_requests_past_their_deadline(serv
                  f"requests 504 after {max(s for _, s in starved):.2f} s (their 0.8 s deadline), not after the "
                  f"{HOLD_S:g} s decode; all 200 again once released",
     })
+
+
+async def test_pool_slots_survive_timeouts_and_cancellations() -> None:
+    from service.decodepool import DecodePool
+    from service.errors import ApiError
+
+    pool, gate = DecodePool(1), threading.Event()
+
+    def hold(data: bytes) -> bytes:
+        gate.wait(HOLD_S)
+        return data
+
+    now = time.monotonic()
+    running = asyncio.create_task(pool.run(hold, b"a", now + 10))
+    waiting = asyncio.create_task(pool.run(hold, b"b", now + 10))
+    await asyncio.sleep(0.05)
+    waiting.cancel()  # a client gone while waiting for a thread: it must not take the slot with it
+    with pytest.raises(ApiError) as late:
+        await pool.run(hold, b"c", now + 0.1)  # waits for the one slot until its deadline
+    assert late.value.status == 504 and "no decode thread" in late.value.message
+    with pytest.raises(ApiError):
+        await pool.run(hold, b"d", time.monotonic() - 1)  # already late: not even queued for a thread
+    gate.set()
+    assert await running == b"a" and waiting.cancelled()
+    assert await pool.run(bytes.upper, b"e", time.monotonic() + 5) == b"E"
+    assert (pool.free, pool.overrunning, len(pool._waiters)) == (1, 0, 0)
+    pool.shutdown()
