@@ -138,12 +138,12 @@ def test_decode_budget_counts_the_resize() -> None:
     from service.images import decode_bytes
 
     square, strip = decode_bytes((100, 100), "RGB", 248), decode_bytes((1, 10_000), "L", 248)
-    assert square == 100 * 100 * 12 + 248 * 248 * 4
+    assert square == 100 * 100 * 12 + 248 * 248 * 5
     assert strip > 248 * 248 * 10_000 * 4  # the source is 10 kB; its resize (248 x 2.48 M) is what costs
     assert decode_bytes((100, 100), "RGBA", 248) > square and decode_bytes((100, 100), "I;16", 248) > square
     pre = Preprocessor(CONFIG, limits(max_aspect_ratio=1e6, max_decoded_bytes=2**20))  # 1 MiB
     with pytest.raises(ApiError) as e:
-        pre(encode(Image.new("L", (1, 2000), 9)))  # resized to 35 x 70000: 9.3 MiB
+        pre(encode(Image.new("L", (1, 2000), 9)))  # resized to 35 x 70000: 11.7 MiB
     assert e.value.status == 413 and e.value.error == "image_too_large" and "max_decoded_bytes" in e.value.message
     assert pre(encode(gradient((300, 200)))).shape == (3, 32, 32)  # 0.7 MiB: within the budget
 
