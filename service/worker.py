@@ -133,7 +133,8 @@ class DeviceWorker:
 
 
 def _check_finite(hosted: HostedModel, samples: Sequence[Sample], results: Sequence[SampleResult]) -> None:
-    """The top probability is NaN when any logit of its row is NaN or infinite (softmax spreads it)."""
+    """The top probability is NaN when any logit of its row is NaN or +inf (softmax spreads it; a -inf
+    logit is just a probability of 0)."""
     bad = sorted({s.keep_rate for s, r in zip(samples, results, strict=True)
                   if not all(math.isfinite(p) for p in r.probabilities)})
     if bad:
