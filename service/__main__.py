@@ -2,6 +2,8 @@
 
 SIGTERM drains: readiness goes false and new requests get 503 at once, admitted requests are answered,
 then the server exits (status 0). A second SIGTERM, or SIGINT, falls back to uvicorn's own shutdown.
+A background task that dies (warm-up, a model's batch former) makes the server drain and exit non-zero
+with the reason on stderr: 2 when warm-up found non-finite outputs (bad weights), else 1.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.service = service
         self._loop: asyncio.AbstractEventLoop | None = None
+        service.on_fatal = self._drain_then_exit  # called on the event loop
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
@@ -69,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         app, host=settings.host, port=settings.port, log_config=None, access_log=False,
         timeout_graceful_shutdown=settings.drain_timeout_s + 5, lifespan="on",
     )
-    DrainingServer(config, app.state.service).run()
+    service = app.state.service
+    DrainingServer(config, service).run()
+    if service.failure is not None:
+        print(f"evit-serve: {service.failure}", file=sys.stderr)
+        return service.exit_code
     return 0
 
 

@@ -159,8 +159,8 @@ async def healthz() -> Health:
 )
 async def readyz(svc: ServiceDep) -> JSONResponse:
     state = {m.name: m.ready for m in svc.registry} if svc.registry else {}
-    body = Readiness(ready=svc.ready, draining=svc.draining, models=state)
-    return JSONResponse(body.model_dump(), status_code=200 if svc.ready else 503)
+    body = Readiness(ready=svc.ready, draining=svc.draining, models=state, error=svc.failure)
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if svc.ready else 503)
 
 
 async def metrics(svc: ServiceDep) -> Response:

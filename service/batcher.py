@@ -25,6 +25,7 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import replace
 
 import torch
@@ -45,9 +46,12 @@ log = logging.getLogger("service.batcher")
 
 
 class Batcher:
-    def __init__(self, registry: Registry, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, registry: Registry, settings: Settings, metrics: Metrics,
+                 on_fatal: Callable[[str], None] | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.on_fatal = on_fatal  # called when a batch former dies (the service turns unready and exits)
+        self.dead: dict[str, str] = {}  # model -> why its batch former died
         self.workers = {d: DeviceWorker(d, metrics) for d in registry.devices}
         self.queues = {m.name: ModelQueue(m, self.workers[m.device], self._scheduler(m)) for m in registry}
         self._tasks: list[asyncio.Task[None]] = []
@@ -62,7 +66,24 @@ class Batcher:
     def start(self) -> None:
         for q in self.queues.values():
             self.metrics.init_model(q.hosted.name)
-            self._tasks.append(asyncio.create_task(self._form_batches(q), name=f"batcher-{q.hosted.name}"))
+            task = asyncio.create_task(self._form_batches(q), name=f"batcher-{q.hosted.name}")
+            task.add_done_callback(lambda t, q=q: self._former_ended(q, t))
+            self._tasks.append(task)
+
+    def _former_ended(self, q: ModelQueue, task: asyncio.Task[None]) -> None:
+        """A batch former only ends by cancellation; one that raised is logged, its queue answered 503,
+        the model marked unready and the service told (never a model that silently answers 504)."""
+        if task.cancelled() or task.exception() is None:
+            return
+        name, error = q.hosted.name, task.exception()
+        reason = f"the batch former of model {name} died: {type(error).__name__}: {error}"
+        log.error(reason, exc_info=error, extra={"model": name})
+        self.dead[name] = reason
+        q.hosted.ready = False
+        q.fail_all(ApiError(503, f"model {name} is unavailable: {reason}", "failed", {"Retry-After": "5"}))
+        self.metrics.queue_depth.labels(model=name).set(0)
+        if self.on_fatal is not None:
+            self.on_fatal(reason)
 
     async def warm_up(self) -> None:
         loop = asyncio.get_running_loop()
@@ -122,6 +143,9 @@ class Batcher:
         """Queue ``sample`` in run order; ``job`` is placed by the scheduler, which sets its keep rate
         (``auto``) or refuses it (deadline unreachable)."""
         q = ticket.queue
+        if q.hosted.name in self.dead:
+            raise ApiError(503, f"model {q.hosted.name} is unavailable: {self.dead[q.hosted.name]}", "failed",
+                           {"Retry-After": "5"})
         index, job.rate = self._place(q, job)
         sample = replace(sample, keep_rate=job.rate)
         item = Pending(sample, asyncio.get_running_loop().create_future(), ticket, job)

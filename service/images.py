@@ -1,7 +1,10 @@
 """Validate and decode image bytes into a model input tensor, following the model's timm data config.
 
-Checks run cheapest first: the format and the pixel count come from the header (``Image.open`` is lazy),
-so a decompression bomb is refused before a single pixel is decoded. Then EXIF orientation is applied and
+Checks run cheapest first: the format, the pixel count and the aspect ratio come from the header
+(``Image.open`` is lazy), so a decompression bomb or a 1 x 10^6 strip is refused before a single pixel is
+decoded. Then the memory the decode would take (the decoded pixels, their RGB copies and the image after
+timm's resize, which for a thin image is far larger than the source) is estimated from the header and
+checked against a budget, still before any large allocation. Then EXIF orientation is applied and
 every mode (grayscale, palette, CMYK, alpha, 16-bit) becomes 8-bit RGB before timm's eval transform.
 Runs in a thread pool: PIL and torch release the GIL while they work.
 """
@@ -30,6 +33,8 @@ class ImageLimits:
     max_pixels: int
     formats: frozenset[str]
     jpeg_draft: bool = True
+    max_aspect_ratio: float = 50.0  # longer side / shorter side
+    max_decoded_bytes: int = 512 * 2**20  # estimated peak memory of one decode (see ``decode_bytes``)
 
 
 class Preprocessor:
@@ -46,6 +51,7 @@ class Preprocessor:
         img = open_image(data, self.limits)
         if img.format in ("JPEG", "MPO") and self.limits.jpeg_draft:
             img.draft(img.mode, (self.resize_to, self.resize_to))  # DCT-domain downscale, never below the resize
+        check_decode_budget(img, self.resize_to, self.limits.max_decoded_bytes)
         try:
             img = to_rgb(ImageOps.exif_transpose(img))
         except (OSError, SyntaxError, ValueError, EOFError) as e:  # truncated or corrupt pixel data
@@ -99,12 +105,52 @@ def open_image(data: bytes, limits: ImageLimits) -> Image.Image:
     width, height = img.size
     if width * height > limits.max_pixels:
         raise ApiError(
-            413, f"image of {width}x{height} = {width * height} pixels is over the limit of {limits.max_pixels}",
+            413, f"image of {width}x{height} = {width * height} pixels is over the limit of {limits.max_pixels} "
+            "(max_image_pixels)",
             "image_too_large",
         )
     if width < 1 or height < 1:
         raise ApiError(400, f"image has no pixels ({width}x{height})", "undecodable_image")
+    if max(width, height) > limits.max_aspect_ratio * min(width, height):
+        raise ApiError(
+            422, f"image of {width}x{height} has an aspect ratio over the limit of {limits.max_aspect_ratio:g}:1 "
+            "(max_image_aspect_ratio); crop or pad it first", "extreme_aspect_ratio",
+        )
     return img
+
+
+# bytes per pixel Pillow stores for a mode (three-band modes are padded to four), and what ``to_rgb`` adds:
+# an RGB copy, the RGBA copy and white background for alpha, numpy's float64 scaling for 16/32-bit modes
+_STORED = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+_ALPHA = ("RGBA", "LA", "PA", "RGBa", "La", "P")
+
+
+def decode_bytes(size: tuple[int, int], mode: str, resize_to: int) -> int:
+    """Estimated peak bytes of decoding a ``size`` image of ``mode`` and resizing its shorter side to
+    ``resize_to``: source pixels, RGB conversion, an EXIF-rotated copy and the resized image (4 bytes a pixel,
+    plus one for Pillow's resampling buffers: measured within a few % for thin images, over for large ones)."""
+    width, height = size
+    stored = _STORED.get(mode, 4)
+    per_pixel = stored + 4 + 4  # the source, an RGB copy, a rotated copy
+    if mode in _ALPHA:
+        per_pixel += 8
+    elif mode.startswith("I") or mode == "F":
+        per_pixel += 8 + 1
+    short, long = sorted(size)
+    resized = resize_to * -(-resize_to * long // short) * 5  # the longer side grows with the shorter
+    return width * height * per_pixel + resized
+
+
+def check_decode_budget(img: Image.Image, resize_to: int, budget: int) -> None:
+    """413 when decoding ``img`` (after any JPEG draft) would take more than ``budget`` bytes."""
+    need = decode_bytes(img.size, img.mode, resize_to)
+    if need > budget:
+        w, h = img.size
+        raise ApiError(
+            413, f"decoding this {w}x{h} {img.mode} image and resizing it to a shorter side of {resize_to} would "
+            f"take about {need / 2**20:.0f} MiB, over the limit of {budget / 2**20:.0f} MiB (max_decoded_bytes)",
+            "image_too_large",
+        )
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -36,6 +36,14 @@ class ModelQueue:
             self.gap_s = gap if math.isinf(self.gap_s) else 0.7 * self.gap_s + 0.3 * gap
         self.last_arrival = now
 
+    def fail_all(self, error: Exception) -> None:
+        """Answer every queued request with ``error`` and free their slots (the queue can no longer run)."""
+        while self.items:
+            p = self.items.popleft()
+            p.ticket.release()
+            if not p.future.done():
+                p.future.set_exception(error)
+
     @property
     def latency(self) -> LatencyModel:
         return self.scheduler.latency

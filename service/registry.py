@@ -173,23 +173,33 @@ def build_model(spec: ModelSpec, seed: int) -> nn.Module:
             return evit.create_model(spec.arch, pretrained=True, **kwargs)
         return evit.create_model(spec.arch, checkpoint_path=weights, **kwargs)
     except evit.WeightsError as e:
-        hint = (
-            f"Without network access, serve a local checkpoint: --model ARCH --checkpoint PATH "
+        hint = (  # only a hub download can fail for want of network access
+            f"\nWithout network access, serve a local checkpoint: --model ARCH --checkpoint PATH "
             f"(env EVIT_MODEL / EVIT_CHECKPOINT), e.g. --model vit_tiny_patch16_224 --checkpoint {ASSET_CHECKPOINT}; "
             f"or --random-weights (EVIT_RANDOM_WEIGHTS=1) for a smoke test with meaningless predictions."
-        )
-        raise ModelLoadError(f"model {spec.name!r} ({spec.arch}): {e}\n{hint}") from e
+        ) if weights == "hub" else ""
+        raise ModelLoadError(f"model {spec.name!r} ({spec.arch}): {e}{hint}") from e
     except (ValueError, RuntimeError, TypeError) as e:  # unknown architecture, bad prune blocks, no cls token
         raise ModelLoadError(f"model {spec.name!r} ({spec.arch}): {e}") from e
+
+
+def check_finite_weights(model: nn.Module, spec: ModelSpec) -> None:
+    """Refuse weights holding NaN or inf (a broken checkpoint would otherwise serve NaN probabilities)."""
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not bool(t.isfinite().all())]
+    if bad:
+        raise ModelLoadError(f"model {spec.name!r} ({spec.arch}): weights {spec.weights} hold NaN or inf in "
+                             f"{len(bad)} tensors ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
 
 
 def host(spec: ModelSpec, settings: Settings, device: torch.device) -> HostedModel:
     """Build one model, move it to ``device`` (float16 on CUDA when ``settings.half``), eval mode."""
     model = build_model(spec, settings.seed)
+    check_finite_weights(model, spec)
     dtype = torch.float16 if device.type == "cuda" and settings.half else torch.float32
     model = model.to(device=device, dtype=dtype).eval()
     config = data_config_for(model)
-    limits = ImageLimits(settings.max_image_pixels, check_formats(settings.image_formats), settings.jpeg_draft)
+    limits = ImageLimits(settings.max_image_pixels, check_formats(settings.image_formats), settings.jpeg_draft,
+                         settings.max_image_aspect_ratio, settings.max_decoded_bytes)
     hosted = HostedModel(spec, model, device, dtype, config, Preprocessor(config, limits), labels_for(model, spec))
     if spec.random_weights:
         log.warning("model %s serves RANDOM weights: its predictions are meaningless", spec.name,

@@ -10,7 +10,6 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated
 from urllib.parse import parse_qs
@@ -19,12 +18,13 @@ from fastapi import Depends, Request
 from starlette.types import Receive, Scope
 
 from service.batcher import Batcher, Pending
+from service.decodepool import DecodePool
 from service.errors import CLIENT_GONE, ApiError
 from service.metrics import NO_MODEL, Metrics
 from service.registry import HostedModel, Registry, load_registry
 from service.scheduler import PRIORITIES, Ask, Job
 from service.settings import Settings
-from service.worker import Sample, SampleResult
+from service.worker import Sample, SampleResult, WarmupError
 
 log = logging.getLogger("service.runtime")
 
@@ -47,35 +47,52 @@ class Service:
         self.registry = registry
         self.metrics = Metrics()
         self.batcher: Batcher | None = None
-        threads = settings.decode_threads or min(4, os.cpu_count() or 1)
-        self.decode_pool = ThreadPoolExecutor(threads, thread_name_prefix="evit-decode")
+        self.decode_pool = DecodePool(settings.decode_threads or min(4, os.cpu_count() or 1))
         self.warmed = False
         self.draining = False
         self._drain_task: asyncio.Task[bool] | None = None
         self._warm_task: asyncio.Task[None] | None = None
+        self.failure: str | None = None  # why a background task died: unready for good
+        self.exit_code = 0  # what the process should exit with after ``failure``
+        self.on_fatal: Callable[[], None] | None = None  # the server's exit, called once on failure
 
     # -- lifecycle -----------------------------------------------------------------------------------
     @property
     def ready(self) -> bool:
-        return self.warmed and not self.draining
+        return self.warmed and not self.draining and self.failure is None
 
     async def start(self) -> None:
         """Load (unless given), start the batch formers, and warm up in the background (/readyz waits)."""
         if self.registry is None:
             self.registry = await asyncio.to_thread(load_registry, self.settings)
-        self.batcher = Batcher(self.registry, self.settings, self.metrics)
+        self.batcher = Batcher(self.registry, self.settings, self.metrics, on_fatal=self.fail)
         self.batcher.start()
         self._warm_task = asyncio.create_task(self._warm_up(), name="warm-up")
 
     async def _warm_up(self) -> None:
         assert self.batcher is not None and self.registry is not None
         if self.settings.warmup:
-            await self.batcher.warm_up()
+            try:
+                await self.batcher.warm_up()
+            except Exception as e:
+                log.error("warm-up failed: %s", e, exc_info=e)
+                self.fail(f"warm-up failed: {type(e).__name__}: {e}", 2 if isinstance(e, WarmupError) else 1)
+                return
         for m in self.registry:
             m.ready = True
         self.warmed = True
         self.metrics.ready.set(0 if self.draining else 1)
         log.info("ready", extra={"models": list(self.registry.models)})
+
+    def fail(self, reason: str, exit_code: int = 1) -> None:
+        """A background task died: readiness false with ``reason`` from now on, and the server exits (when
+        run by ``evit-serve``) with ``exit_code``, never silently."""
+        if self.failure is not None:
+            return
+        self.failure, self.exit_code = reason, exit_code
+        self.metrics.ready.set(0)
+        if self.on_fatal is not None:
+            self.on_fatal()
 
     def begin_drain(self) -> asyncio.Task[bool]:
         """Readiness false and new requests 503 from now on; the task ends when admitted requests are answered."""
@@ -100,9 +117,11 @@ class Service:
             await asyncio.gather(self._warm_task, return_exceptions=True)
         if self.batcher is not None:
             await self.batcher.stop()
-        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+        self.decode_pool.shutdown()
 
     def check_accepting(self) -> None:
+        if self.failure is not None:
+            raise ApiError(503, f"the service is unavailable: {self.failure}", "failed", {"Retry-After": "5"})
         if self.draining:
             raise ApiError(503, "the service is shutting down", "draining", {"Retry-After": "1"})
         if not self.warmed:
@@ -138,9 +157,8 @@ class Service:
         with self.batcher.admit(hosted.name, job) as ticket:
             data = await read()
             t0 = time.monotonic()
-            loop = asyncio.get_running_loop()
             try:
-                tensor = await loop.run_in_executor(self.decode_pool, hosted.preprocess, data)
+                tensor = await self.decode_pool.run(hosted.preprocess, data, job.deadline)  # 504 past the deadline
             finally:
                 decode_s = time.monotonic() - t0
                 self.metrics.decode_duration.labels(model=hosted.name).observe(decode_s)

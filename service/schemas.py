@@ -77,6 +77,8 @@ class Readiness(BaseModel):
     ready: bool
     draining: bool
     models: dict[str, bool]
+    error: str | None = Field(None, description="why the service will not become ready (a failed warm-up or "
+                              "a dead batch task); the process exits after it")
 
 
 class ErrorResponse(BaseModel):

@@ -92,6 +92,8 @@ class Settings(BaseSettings):
     # input limits
     max_body_bytes: int = Field(20 * 2**20, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)  # checked from the image header, before decoding
+    max_image_aspect_ratio: float = Field(50.0, ge=1.0, allow_inf_nan=False)  # longer / shorter side, from the header
+    max_decoded_bytes: int = Field(512 * 2**20, ge=2**20)  # one decode's estimated peak memory, resize included
     image_formats: tuple[str, ...] = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
     jpeg_draft: bool = True  # let libjpeg downscale large JPEGs while decoding (never below the resize)
     max_top_k: int = Field(100, ge=1)
@@ -214,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--decode-threads", type=int)
     add("--max-body-bytes", type=int)
     add("--max-image-pixels", type=int)
+    add("--max-image-aspect-ratio", type=float, help="longer side / shorter side; thinner images get 422")
+    add("--max-decoded-bytes", type=int,
+        help="estimated memory one image may take to decode and resize; more gets 413 before decoding")
     add("--drain-timeout-s", type=float)
     add("--body-timeout-s", type=float, help="requests whose body has not arrived by then get 408 (slow uploads)")
     add("--api-tokens-file", type=Path, metavar="PATH",

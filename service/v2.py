@@ -129,8 +129,9 @@ def _model(svc: Service, name: str, version: str) -> HostedModel:
 def _parse(body: bytes, header_length: str | None) -> tuple[V2InferRequest, bytes]:
     """The JSON request and, with the binary data extension, the bytes after it."""
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
-            raise ApiError(400, f"bad {HEADER_LENGTH}: {header_length!r} for a body of {len(body)} bytes")
+        if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
+            raise ApiError(400, f"bad {HEADER_LENGTH}: {header_length[:32]!r} for a body of {len(body)} bytes; "
+                           "it must be the JSON header's length in bytes, at most the body's", "bad_header_length")
         split = int(header_length)
         body, binary = body[:split], body[split:]
     else:
@@ -187,14 +188,14 @@ def _int_param(value: Any, name: str, low: int, high: int) -> int:
 
 
 def _images(req: V2InferRequest, binary: bytes) -> list[bytes]:
-    """The encoded images of the request's one BYTES input."""
+    """The encoded images of the request's one BYTES input; the inputs' binary sizes must add up to the
+    binary data exactly (400 otherwise: never truncated or padded)."""
     offset = 0
     images: list[bytes] | None = None
-    for tensor in req.inputs:
-        size = (tensor.parameters or {}).get("binary_data_size")
+    for tensor, size in zip(req.inputs, _binary_sizes(req, len(binary)), strict=True):
         chunk = b""
         if size is not None:
-            chunk, offset = binary[offset : offset + int(size)], offset + int(size)
+            chunk, offset = binary[offset : offset + size], offset + size
         if images is not None or tensor.datatype != "BYTES":
             continue
         images = _split_binary(chunk) if size is not None else [_b64(v) for v in _flatten(tensor.data)]
@@ -205,6 +206,20 @@ def _images(req: V2InferRequest, binary: bytes) -> list[bytes]:
         raise ApiError(422, "the request needs one BYTES input holding encoded images (base64 in JSON)",
                        "invalid_parameter")
     return images
+
+
+def _binary_sizes(req: V2InferRequest, total: int) -> list[int | None]:
+    """Each input's ``binary_data_size`` (a JSON integer >= 0, or absent); together exactly ``total``."""
+    sizes = [(tensor.parameters or {}).get("binary_data_size") for tensor in req.inputs]
+    for tensor, size in zip(req.inputs, sizes, strict=True):
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+            raise ApiError(400, f"input {tensor.name[:64]!r}: binary_data_size must be a non-negative JSON "
+                           f"integer, got {str(size)[:32]!r}", "bad_binary_data_size")
+    claimed = sum(s for s in sizes if s is not None)
+    if claimed != total:
+        raise ApiError(400, f"the binary data after the JSON header is {total} bytes but the inputs' "
+                       f"binary_data_size add up to {claimed}", "bad_binary_data_size")
+    return sizes
 
 
 def _flatten(data: list[Any] | None) -> list[Any]:

@@ -7,6 +7,7 @@ kept patches per sample. It knows tensors, never queues or HTTP.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +36,10 @@ class SampleResult:
     kept: list[list[int]] | None  # per pruning stage: original patch indices still their own token
     inference_s: float  # the whole pass
     batch_size: int  # samples in the pass
+
+
+class WarmupError(RuntimeError):
+    """Warm-up passes gave non-finite outputs: the model must not serve."""
 
 
 class DeviceWorker:
@@ -106,8 +111,9 @@ class DeviceWorker:
             best = float("inf")
             for _ in range(repeats):
                 t = time.perf_counter()
-                self.forward(hosted, samples, record=False)
+                results = self.forward(hosted, samples, record=False)
                 best = min(best, time.perf_counter() - t)
+            _check_finite(hosted, samples, results)
             return best
 
         t_single = timed(1, [1.0])
@@ -124,3 +130,15 @@ class DeviceWorker:
 
     def close(self) -> None:
         self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _check_finite(hosted: HostedModel, samples: Sequence[Sample], results: Sequence[SampleResult]) -> None:
+    """The top probability is NaN when any logit of its row is NaN or +inf (softmax spreads it; a -inf
+    logit is just a probability of 0)."""
+    bad = sorted({s.keep_rate for s, r in zip(samples, results, strict=True)
+                  if not all(math.isfinite(p) for p in r.probabilities)})
+    if bad:
+        raise WarmupError(
+            f"model {hosted.name} gives non-finite outputs (NaN or inf) at keep rates {bad} in {hosted.dtype}: "
+            "its weights are broken (e.g. a checkpoint holding NaN or huge values) or overflow in this dtype; "
+            "refusing to become ready")

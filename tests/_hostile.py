@@ -164,6 +164,10 @@ def corpus() -> list[Specimen]:
         s("bomb_gif", gif_declaring(65_535, 65_535), "image/gif", 413, "image_too_large"),
         s("bomb_jpeg", jpeg_declaring(65_000, 65_000), JPEG, 413, "image_too_large"),
         s("bomb_tiff", tiff_declaring(1_000_000, 1_000_000), "image/tiff", 413, "image_too_large"),
+        # resize bombs: thin strips whose resize (shorter side up to the model's) would be huge -> 422
+        s("png_1x4096", encode(Image.new("L", (1, 4096), 128), "PNG"), PNG, 422, "extreme_aspect_ratio"),
+        s("thin_png_1x1000000", png_declaring(1, 1_000_000), PNG, 422, "extreme_aspect_ratio"),
+        s("thin_gif_65535x1", gif_declaring(65_535, 1), "image/gif", 422, "extreme_aspect_ratio"),
         # types the service does not take
         s("jpeg_as_text_plain", jpeg, "text/plain", 415, "unsupported_media_type"),
         s("jpeg_as_json", jpeg, "application/json", 415, "unsupported_media_type"),
@@ -174,7 +178,7 @@ def corpus() -> list[Specimen]:
         # odd but valid: answered like any image
         s("jpeg_1x1", encode(noise((1, 1)), "JPEG"), JPEG, 200),
         s("png_1x1_alpha", encode(Image.new("RGBA", (1, 1), (9, 9, 9, 0)), "PNG"), PNG, 200),
-        s("png_1x4096", encode(Image.new("L", (1, 4096), 128), "PNG"), PNG, 200),
+        s("png_2x80", encode(Image.new("L", (2, 80), 128), "PNG"), PNG, 200),  # 40:1, within the aspect limit
         s("png_16bit_gray", encode(gray16, "PNG"), PNG, 200),
         s("tiff_16bit_gray", encode(gray16, "TIFF"), "image/tiff", 200),
         s("tiff_float", encode(Image.fromarray(np.linspace(0, 1, 30 * 40, dtype=np.float32).reshape(30, 40)),

@@ -28,6 +28,10 @@ LEAK = re.compile(r"Traceback|File \"|\.py\b|(/[\w.-]+){2,}")  # stack traces an
 CHECKS = {
     "hostile_corpus": "Hostile image corpus (HTTP, in process)",
     "decode_fuzz": "Decoder fuzzing (hypothesis)",
+    "resize_bombs": "Resize bombs: thin strips up to 1 x 10^6 (live server)",
+    "v2_fuzz": "V2 request fuzzing: sizes, headers, shapes (hypothesis, in process)",
+    "decode_deadline": "Slow decodes under a short request timeout (in process)",
+    "background_failures": "Broken weights and dying background tasks",
     "schema_fuzz": "API fuzzing against the OpenAPI schema (schemathesis, uvicorn in a thread)",
     "body_limits": "Body size limit while streaming (live server)",
     "slow_loris": "Slow bodies and slow headers (live server)",

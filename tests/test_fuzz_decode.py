@@ -2,8 +2,8 @@
 
 Valid encodings in every accepted format are mutated (bit flips, overwritten ranges, truncation,
 insertions, rewritten header dimensions) or replaced by random bytes. Whatever comes in, the decoder
-returns a finite ``3, H, W`` tensor or raises ``ApiError`` with 400, 413 or 415; never another exception,
-never slower than the hypothesis deadline, and the process's peak memory stays bounded.
+returns a finite ``3, H, W`` tensor or raises ``ApiError`` with 400, 413, 415 or 422 (aspect ratio); never
+another exception, never slower than the hypothesis deadline, and the process's peak memory stays bounded.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def fuzz_one(data: bytes) -> None:
     try:
         x = PRE(data)
     except ApiError as e:
-        assert e.status in (400, 413, 415), (e.status, e.message)
+        assert e.status in (400, 413, 415, 422), (e.status, e.message)
         assert not LEAK.search(e.message), e.message
         STATS["rejected"][e.status] = STATS["rejected"].get(e.status, 0) + 1
     else:

@@ -115,3 +115,43 @@ def test_large_jpeg_drafted_close_to_full_decode() -> None:
     fast = Preprocessor(CONFIG, LIMITS)(data)
     exact = Preprocessor(CONFIG, ImageLimits(LIMITS.max_pixels, LIMITS.formats, jpeg_draft=False))(data)
     assert (fast - exact).abs().mean() < 0.02  # DCT-domain downscaling changes pixels a little, not content
+
+
+def limits(**overrides) -> ImageLimits:
+    return ImageLimits(**{"max_pixels": LIMITS.max_pixels, "formats": LIMITS.formats, **overrides})
+
+
+@pytest.mark.parametrize("size", [(1, 41), (41, 1), (3, 200), (1, 1_000_000), (1_000_000, 1)])
+def test_aspect_ratio_limit_from_the_header(size) -> None:
+    from _hostile import png_declaring
+
+    data = png_declaring(*size)  # header only: nothing could be decoded anyway
+    with pytest.raises(ApiError) as e:
+        open_image(data, limits(max_aspect_ratio=40))
+    assert e.value.status == 422 and e.value.error == "extreme_aspect_ratio"
+    assert f"{size[0]}x{size[1]}" in e.value.message and "max_image_aspect_ratio" in e.value.message
+    if max(size) <= 200:  # within a looser limit the same strip decodes (the resize stays small)
+        assert Preprocessor(CONFIG, limits(max_aspect_ratio=200))(encode(gradient(size))).shape == (3, 32, 32)
+
+
+def test_decode_budget_counts_the_resize() -> None:
+    from service.images import decode_bytes
+
+    square, strip = decode_bytes((100, 100), "RGB", 248), decode_bytes((1, 10_000), "L", 248)
+    assert square == 100 * 100 * 12 + 248 * 248 * 5
+    assert strip > 248 * 248 * 10_000 * 4  # the source is 10 kB; its resize (248 x 2.48 M) is what costs
+    assert decode_bytes((100, 100), "RGBA", 248) > square and decode_bytes((100, 100), "I;16", 248) > square
+    pre = Preprocessor(CONFIG, limits(max_aspect_ratio=1e6, max_decoded_bytes=2**20))  # 1 MiB
+    with pytest.raises(ApiError) as e:
+        pre(encode(Image.new("L", (1, 2000), 9)))  # resized to 35 x 70000: 11.7 MiB
+    assert e.value.status == 413 and e.value.error == "image_too_large" and "max_decoded_bytes" in e.value.message
+    assert pre(encode(gradient((300, 200)))).shape == (3, 32, 32)  # 0.7 MiB: within the budget
+
+
+def test_decode_budget_applies_after_the_jpeg_draft() -> None:
+    data = encode(gradient((1600, 1200)), "JPEG", quality=90)  # 23 MiB at full size, 1.5 MiB drafted to 1/8
+    budget = limits(max_decoded_bytes=4 * 2**20)
+    assert Preprocessor(CONFIG, budget)(data).shape == (3, 32, 32)
+    with pytest.raises(ApiError) as e:
+        Preprocessor(CONFIG, ImageLimits(**{**vars(budget), "jpeg_draft": False}))(data)
+    assert e.value.status == 413 and "1600x1200" in e.value.message

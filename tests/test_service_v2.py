@@ -160,3 +160,40 @@ async def test_bad_scheduling_parameters_422(serve, tiny_settings, image_bytes, 
         r = await client.post("/v2/models/tiny/infer", json=infer_payload([image_bytes()], **parameters),
                               headers=headers)
         assert r.status_code == 422 and field in r.json()["message"], r.text
+
+
+def binary_request(images: list[bytes], size_json: str | None = None, trailer: bytes = b"") -> tuple[bytes, str]:
+    """A binary-extension body whose binary_data_size is the raw JSON text ``size_json`` (default: the truth)."""
+    raw = b"".join(struct.pack("<I", len(i)) + i for i in images)
+    size = str(len(raw)) if size_json is None else size_json
+    tensor = {"name": "image", "shape": [len(images)], "datatype": "BYTES", "parameters": {"binary_data_size": "@"}}
+    header = json.dumps({"inputs": [tensor]}).replace('"@"', size).encode()
+    return header + raw + trailer, str(len(header))
+
+
+@pytest.mark.parametrize("size", ['"abc"', '"1e3"', "[1]", '{"a": 1}', "1e400", "-1", "1.5", "true",
+                                  "10000000000000", "1000000000000", "3"])
+async def test_malformed_binary_data_size_400(serve, tiny_settings, image_bytes, size) -> None:
+    body, length = binary_request([image_bytes()], size)
+    async with serve(tiny_settings()) as (_, client):
+        r = await client.post("/v2/models/tiny/infer", content=body,
+                              headers={"inference-header-content-length": length})
+        assert r.status_code == 400 and r.json()["error"] == "bad_binary_data_size", r.text
+        assert "binary_data_size" in r.json()["message"]
+
+
+async def test_binary_sizes_must_match_the_body(serve, tiny_settings, image_bytes) -> None:
+    async with serve(tiny_settings()) as (_, client):
+        for trailer in (b"x", b"\0" * 1000):  # bytes no input claims: refused, never ignored
+            body, length = binary_request([image_bytes()], trailer=trailer)
+            r = await client.post("/v2/models/tiny/infer", content=body,
+                                  headers={"inference-header-content-length": length})
+            assert r.status_code == 400 and f"add up to {len(body) - int(length) - len(trailer)}" in r.text
+        body, length = binary_request([image_bytes()])
+        for header in ("²", "-1", "+12", " 12", "0x10", str(len(body) + 1), "1" * 400, ""):
+            r = await client.post("/v2/models/tiny/infer", content=body,
+                                  headers={"inference-header-content-length": header.encode()})  # raw UTF-8
+            assert r.status_code == 400 and r.json()["error"] == "bad_header_length", (header, r.text)
+        r = await client.post("/v2/models/tiny/infer", content=body,
+                              headers={"inference-header-content-length": length})
+        assert r.status_code == 200, r.text
