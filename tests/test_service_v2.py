@@ -26,7 +26,10 @@ async def test_health_and_metadata(serve, tiny_settings) -> None:
         assert {o["name"] for o in meta["outputs"]} == {"probabilities", "classes", "labels", "tokens"}
         assert (await client.get("/v2/models/tiny/ready")).json() == {"name": "tiny", "ready": True}
         r = await client.get("/v2/models/nope")
-        assert r.status_code == 404 and r.json()["error"] == "unknown_model"
+        assert r.status_code == 404 and r.json()["code"] == "unknown_model" and "nope" in r.json()["error"]
+        # outside /v2 the service's own error body stays
+        assert (await client.post("/classify?model=nope", content=b"x")).json()["error"] == "unknown_model"
+        assert (await client.get("/v2/no-such-route")).json()["code"] == "not_found"
         assert (await client.get("/v2/models/nope/ready")).status_code == 404
         assert (await client.get("/v2/models/tiny/versions/7")).status_code == 404
 
@@ -98,7 +101,7 @@ async def test_infer_errors(serve, tiny_settings, payload, code) -> None:
     async with serve(tiny_settings()) as (_, client):
         r = await client.post("/v2/models/tiny/infer", json=payload)
         assert r.status_code == code, r.text
-        assert isinstance(r.json()["error"], str) and r.json()["message"]
+        assert r.json()["error"] and r.json()["code"] and r.json()["status"] == code
         r = await client.post("/v2/models/tiny/infer", content=b"{not json")
         assert r.status_code == 400
 
@@ -141,10 +144,10 @@ async def test_infer_takes_the_scheduling_parameters(serve, tiny_settings, image
         slow = slow_model(app)
         # even an idle model needs 50 ms: a 30 ms deadline is refused at once, by parameter or by header
         r = await client.post("/v2/models/tiny/infer", json=infer_payload(images[:1], deadline_ms=30))
-        assert r.status_code == 504 and r.json()["error"] == "deadline_unreachable"
+        assert r.status_code == 504 and r.json()["code"] == "deadline_unreachable"
         r = await client.post("/v2/models/tiny/infer", json=infer_payload(images[:1], deadline_ms=5000),
                               headers={"X-Deadline-Ms": "30"})  # the smaller counts
-        assert r.status_code == 504 and r.json()["error"] == "deadline_unreachable"
+        assert r.status_code == 504 and r.json()["code"] == "deadline_unreachable"
         metrics = (await client.get("/metrics")).text
         assert metric(metrics, "evit_auto_keep_rate_count", model="tiny", priority="high") == 2
         assert metric(metrics, "evit_auto_keep_rate_sum", model="tiny", priority="high") == 1.0
@@ -159,4 +162,4 @@ async def test_bad_scheduling_parameters_422(serve, tiny_settings, image_bytes, 
     async with serve(tiny_settings()) as (_, client):
         r = await client.post("/v2/models/tiny/infer", json=infer_payload([image_bytes()], **parameters),
                               headers=headers)
-        assert r.status_code == 422 and field in r.json()["message"], r.text
+        assert r.status_code == 422 and field in r.json()["error"], r.text
