@@ -1,5 +1,6 @@
 """``evit-serve`` / ``python -m service``: settings from env and flags, load the models, run uvicorn.
 
+With ``--metrics-port`` the metrics are also served alone on that port (a second uvicorn server, in a thread).
 SIGTERM drains: readiness goes false and new requests get 503 at once, admitted requests are answered,
 then the server exits (status 0). A second SIGTERM, or SIGINT, falls back to uvicorn's own shutdown.
 """
@@ -11,16 +12,18 @@ import logging
 import signal
 import socket
 import sys
+import threading
 from types import FrameType
 
 import uvicorn
 from pydantic import ValidationError
 
 from service.app import create_app
+from service.flags import parse_settings
 from service.logs import configure_logging
 from service.registry import ModelLoadError, load_registry
 from service.runtime import Service
-from service.settings import parse_settings
+from service.settings import Settings
 
 log = logging.getLogger("service.main")
 
@@ -69,8 +72,24 @@ def main(argv: list[str] | None = None) -> int:
         app, host=settings.host, port=settings.port, log_config=None, access_log=False,
         timeout_graceful_shutdown=settings.drain_timeout_s + 5, lifespan="on",
     )
-    DrainingServer(config, app.state.service).run()
+    metrics = metrics_server(settings, app.state.service)
+    try:
+        DrainingServer(config, app.state.service).run()
+    finally:
+        if metrics is not None:
+            metrics.should_exit = True
     return 0
+
+
+def metrics_server(settings: Settings, service: Service) -> uvicorn.Server | None:
+    """The metrics alone on ``settings.metrics_port`` (like Triton's 8002), started in a thread; None if unset."""
+    if settings.metrics_port is None:
+        return None
+    config = uvicorn.Config(service.metrics.asgi_app(), host=settings.host, port=settings.metrics_port,
+                            log_config=None, access_log=False, lifespan="off")
+    server = uvicorn.Server(config)  # not in the main thread: SIGTERM stays the main server's
+    threading.Thread(target=server.run, name="metrics-server", daemon=True).start()
+    return server
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ from pydantic import ValidationError
 
 import evit
 from service.__main__ import main
+from service.flags import parse_settings
 from service.metrics import rate_label
 from service.registry import ModelLoadError, load_registry
-from service.settings import ASSET_CHECKPOINT, parse_settings
+from service.settings import ASSET_CHECKPOINT
 
 
 @pytest.fixture(autouse=True)
