@@ -143,8 +143,11 @@ class Metrics:
 
     def set_build_info(self, backend: str) -> None:
         """``evit_build_info{version, torch, timm, python, backend} 1``."""
-        self.build_info.info({"version": _version("evit-serve"), "torch": _version("torch"),
-                              "timm": _version("timm"), "python": platform.python_version(), "backend": backend})
+        import timm
+        import torch
+
+        self.build_info.info({"version": _version("evit-serve"), "torch": torch.__version__, "timm": timm.__version__,
+                              "python": platform.python_version(), "backend": backend})
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
