@@ -36,14 +36,18 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+def is_v2(path: str) -> bool:
+    """Whether ``path`` is an Open Inference Protocol route (errors in its body)."""
+    return path == V2_PREFIX or path.startswith(V2_PREFIX + "/")
+
+
 def error_response(
     request: Request, status: int, error: str, message: str,
     headers: dict[str, str] | None = None, details: list[dict[str, Any]] | None = None,
 ) -> JSONResponse:
     request_id = getattr(request.state, "request_id", None)
     body: ErrorResponse | V2ErrorResponse
-    path = request.url.path
-    if path == V2_PREFIX or path.startswith(V2_PREFIX + "/"):  # the protocol's {"error": "<message>"}, type in "code"
+    if is_v2(request.url.path):  # the protocol's {"error": "<message>"}, the type in "code"
         body = V2ErrorResponse(error=message, code=error, status=status, request_id=request_id, details=details)
     else:
         body = ErrorResponse(status=status, error=error, message=message, request_id=request_id, details=details)
