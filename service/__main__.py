@@ -62,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evit-serve: invalid settings:\n{problems}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_json)
+    try:  # before the (slow) model load: a taken metrics port fails at once
+        metrics_socket = bind_metrics_port(settings)
+    except OSError as e:
+        print(f"evit-serve: cannot serve metrics on {settings.host}:{settings.metrics_port}: {e}", file=sys.stderr)
+        return 2
     try:
         registry = load_registry(settings)
     except ModelLoadError as e:
@@ -72,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         app, host=settings.host, port=settings.port, log_config=None, access_log=False,
         timeout_graceful_shutdown=settings.drain_timeout_s + 5, lifespan="on",
     )
-    metrics = metrics_server(settings, app.state.service)
+    metrics = metrics_server(metrics_socket, app.state.service)
     try:
         DrainingServer(config, app.state.service).run()
     finally:
@@ -81,14 +86,27 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def metrics_server(settings: Settings, service: Service) -> uvicorn.Server | None:
-    """The metrics alone on ``settings.metrics_port`` (like Triton's 8002), started in a thread; None if unset."""
+def bind_metrics_port(settings: Settings) -> socket.socket | None:
+    """A socket bound to ``settings.metrics_port`` (None if unset); OSError if the port is taken."""
     if settings.metrics_port is None:
         return None
-    config = uvicorn.Config(service.metrics.asgi_app(), host=settings.host, port=settings.metrics_port,
-                            log_config=None, access_log=False, lifespan="off")
+    sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.metrics_port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def metrics_server(sock: socket.socket | None, service: Service) -> uvicorn.Server | None:
+    """The metrics alone on ``sock`` (like Triton's 8002), served from a thread; None without a socket."""
+    if sock is None:
+        return None
+    config = uvicorn.Config(service.metrics.asgi_app(), log_config=None, access_log=False, lifespan="off")
     server = uvicorn.Server(config)  # not in the main thread: SIGTERM stays the main server's
-    threading.Thread(target=server.run, name="metrics-server", daemon=True).start()
+    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="metrics-server", daemon=True).start()
     return server
 
 

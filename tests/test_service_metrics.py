@@ -4,6 +4,7 @@ metric, and the metrics alone on --metrics-port beside the main port (a real ser
 from __future__ import annotations
 
 import gzip
+import socket
 from importlib.metadata import version
 
 import httpx
@@ -53,3 +54,16 @@ def test_metrics_port_serves_the_same_registry(tmp_path, image_bytes) -> None:
         assert r.status_code == 200 and r.headers["content-encoding"] == "gzip"
         assert metric(r.text, "evit_requests_total", model="tiny", code="200") == 1
         assert metric(r.text, "evit_request_duration_seconds_count", model="tiny", code="200") == 1
+
+
+def test_a_taken_metrics_port_fails_before_loading(monkeypatch, capsys) -> None:
+    from service.__main__ import main
+
+    monkeypatch.setattr("service.__main__.configure_logging", lambda *a: None)  # keep pytest's log handlers
+    monkeypatch.setattr("service.__main__.load_registry", lambda s: pytest.fail("loaded models"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["--host", "127.0.0.1", "--metrics-port", str(port)]) == 2
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in capsys.readouterr().err

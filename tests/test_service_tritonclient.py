@@ -42,9 +42,13 @@ def images_input(images: list[bytes], binary: bool) -> httpclient.InferInput:
 
 
 def classify(url: str, image: bytes, keep_rate: float) -> list[int]:
+    return [p["class_index"] for p in predictions(url, image, keep_rate)]
+
+
+def predictions(url: str, image: bytes, keep_rate: float) -> list[dict]:
     r = httpx.post(f"{url}/classify", params={"keep_rate": keep_rate, "top_k": TOP_K}, content=image, timeout=30)
     assert r.status_code == 200, r.text
-    return [p["class_index"] for p in r.json()["predictions"]]
+    return r.json()["predictions"]
 
 
 def test_health_metadata_and_config(server) -> None:
@@ -82,7 +86,9 @@ def test_infer_matches_classify(server, image_bytes, binary: bool) -> None:
     assert np.all(np.diff(probs, axis=1) <= 0) and body["parameters"]["keep_rates"] == [0.6, 0.6]
     assert result.as_numpy("labels").shape == (2, TOP_K)
     for n, image in enumerate(images):
-        assert classes[n].tolist() == classify(url, image, 0.6)
+        ref = predictions(url, image, 0.6)
+        assert classes[n].tolist() == [p["class_index"] for p in ref]
+        assert probs[n] == pytest.approx([p["probability"] for p in ref], abs=1e-6)  # float32 both ways
 
 
 def test_infer_without_outputs_is_all_binary(server, image_bytes) -> None:
