@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import math
 from typing import Any
 
@@ -48,7 +49,7 @@ from service.schemas import (
 )
 from service.schemas import error_responses as _error_responses
 from service.upload import read_body
-from service.v2_binary import binary_outputs, respond
+from service.v2_binary import BINARY_ANSWER_DOC, binary_outputs, respond
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
 VERSION = "1"
@@ -59,10 +60,7 @@ OUTPUT_META = (V2TensorMetadata(name="probabilities", datatype="FP32", shape=[-1
                V2TensorMetadata(name="classes", datatype="INT64", shape=[-1, -1]),
                V2TensorMetadata(name="labels", datatype="BYTES", shape=[-1, -1]),
                V2TensorMetadata(name="tokens", datatype="INT64", shape=[-1]))
-
-
-def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return _error_responses(*codes, model=V2ErrorResponse)
+error_responses = functools.partial(_error_responses, model=V2ErrorResponse)  # the protocol's error body
 
 
 @router.get("", response_model=V2ServerMetadata)
@@ -125,7 +123,7 @@ async def model_ready(model_name: str, svc: ServiceDep) -> JSONResponse:
 
 
 _INFER = dict(response_model=V2InferResponse, response_model_exclude_none=True,
-              responses=error_responses(400, 404, 408, 413, 415, 422, 503, 504))
+              responses={**BINARY_ANSWER_DOC, **error_responses(400, 404, 408, 413, 415, 422, 503, 504)})
 
 
 @router.post("/models/{model_name}/infer", **_INFER)

@@ -20,6 +20,11 @@ from fastapi.responses import JSONResponse, Response
 from service.schemas import V2InferRequest, V2InferResponse, V2Tensor
 
 _DTYPES = {"FP32": "<f4", "INT64": "<i8", "INT32": "<i4", "FP64": "<f8"}
+BINARY_ANSWER_DOC: dict[int | str, dict[str, Any]] = {200: {
+    "description": "JSON; or, with binary outputs asked for, the JSON header (its length in "
+    "Inference-Header-Content-Length) followed by their bytes",
+    "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+}}
 
 
 def binary_outputs(req: V2InferRequest, names: list[str]) -> set[str]:

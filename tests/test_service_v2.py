@@ -82,6 +82,30 @@ async def test_infer_binary_tensor_extension(serve, tiny_settings, image_bytes) 
             assert out["data"][2 * n : 2 * n + 2] == [p["class_index"] for p in ref]
 
 
+async def test_binary_outputs_layout(serve, tiny_settings, image_bytes) -> None:
+    """``binary_data`` per output, ``binary_data_output`` for the rest: raw little-endian bytes after the header."""
+    payload = infer_payload([image_bytes(seed=5)], top_k=2, binary_data_output=True)
+    payload["outputs"] = [{"name": "probabilities"}, {"name": "labels"}, {"name": "classes", "parameters":
+                                                                         {"binary_data": False}}]
+    async with serve(tiny_settings()) as (_, client):
+        ref = (await client.post("/v2/models/tiny/infer", json={**payload, "parameters": {"top_k": 2}})).json()
+        r = await client.post("/v2/models/tiny/infer", json=payload)
+        assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
+        split = int(r.headers["inference-header-content-length"])
+        header, raw = json.loads(r.content[:split]), r.content[split:]
+        probs, labels, classes = header["outputs"]
+        assert classes == ref["outputs"][2] and "data" not in probs and "data" not in labels
+        n = probs["parameters"]["binary_data_size"]
+        assert n == 2 * 4 and len(raw) == n + labels["parameters"]["binary_data_size"]
+        assert list(struct.unpack("<2f", raw[:n])) == pytest.approx(ref["outputs"][0]["data"], abs=1e-7)
+        names, i = [], n
+        while i < len(raw):
+            (size,) = struct.unpack("<I", raw[i : i + 4])
+            names.append(raw[i + 4 : i + 4 + size].decode())
+            i += 4 + size
+        assert names == ref["outputs"][1]["data"]
+
+
 @pytest.mark.parametrize(("payload", "code"), [
     ({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["@@not base64@@"]}]}, 400),
     ({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64(b"not an image")]}]}, 400),
