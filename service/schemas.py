@@ -199,6 +199,8 @@ class TritonTensorConfig(BaseModel):
 class TritonDynamicBatching(BaseModel):
     preferred_batch_size: list[int]
     max_queue_delay_microseconds: int
+    priority_levels: int  # the request parameter priority: 1 high, 2 normal, 3 low (or the names)
+    default_priority_level: int
 
 
 class TritonInstanceGroup(BaseModel):

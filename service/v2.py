@@ -106,7 +106,8 @@ async def model_config(model_name: str, svc: ServiceDep, version: str = VERSION)
         output=[TritonTensorConfig(name=o.name, data_type=TRITON_TYPES[o.datatype], dims=o.shape[1:] or [1])
                 for o in OUTPUT_META],
         dynamic_batching=TritonDynamicBatching(preferred_batch_size=[s.max_batch_size],
-                                               max_queue_delay_microseconds=round(s.max_wait_ms * 1000)),
+                                               max_queue_delay_microseconds=round(s.max_wait_ms * 1000),
+                                               priority_levels=len(PRIORITIES), default_priority_level=2),
         instance_group=[TritonInstanceGroup(name=hosted.name, kind="KIND_CPU" if info["device"] == "cpu"
                                             else "KIND_GPU")],
         parameters={k: {"string_value": str(info[k])} for k in ("architecture", "default_keep_rate",
@@ -205,6 +206,8 @@ def _deadline(value: Any, name: str, text: bool = False) -> float | None:
 def _ask(params: dict[str, Any], header: str | None) -> Ask:
     """The request's scheduling parameters, validated as ``/classify`` validates its query."""
     priority = params.get("priority", "normal")
+    if type(priority) is int and 0 <= priority <= len(PRIORITIES):  # Triton's levels: 1 highest, 0 the default
+        priority = PRIORITIES[priority - 1] if priority else "normal"
     if priority not in PRIORITIES:
         raise ApiError(422, f"parameter priority must be one of {list(PRIORITIES)}, got {priority!r}",
                        "invalid_parameter")

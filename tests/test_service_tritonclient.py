@@ -63,7 +63,8 @@ def test_health_metadata_and_config(server) -> None:
     types = {o["name"]: (o["data_type"], o["dims"]) for o in config["output"]}
     assert types == {"probabilities": ("TYPE_FP32", [-1]), "classes": ("TYPE_INT64", [-1]),
                      "labels": ("TYPE_STRING", [-1]), "tokens": ("TYPE_INT64", [1])}
-    assert config["dynamic_batching"] == {"preferred_batch_size": [8], "max_queue_delay_microseconds": 3000}
+    assert config["dynamic_batching"] == {"preferred_batch_size": [8], "max_queue_delay_microseconds": 3000,
+                                          "priority_levels": 3, "default_priority_level": 2}
     assert config["instance_group"][0]["kind"] == "KIND_CPU"
     with pytest.raises(InferenceServerException) as e:
         client.get_model_config("nope")
@@ -75,8 +76,8 @@ def test_infer_matches_classify(server, image_bytes, binary: bool) -> None:
     url, client, _ = server
     images = [image_bytes(seed=11), image_bytes("PNG", seed=12)]
     outputs = [httpclient.InferRequestedOutput(n, binary_data=binary) for n in ("classes", "probabilities", "labels")]
-    result = client.infer("tiny", [images_input(images, binary)], outputs=outputs,
-                          parameters={"keep_rate": 0.6, "top_k": TOP_K})
+    result = client.infer("tiny", [images_input(images, binary)], outputs=outputs, priority=1 if binary else 3,
+                          parameters={"keep_rate": 0.6, "top_k": TOP_K})  # Triton's priority levels
     body = result.get_response()
     for name in ("classes", "probabilities", "labels"):
         out = result.get_output(name)
@@ -113,3 +114,6 @@ def test_bad_image_message_reaches_the_client(server) -> None:
     with pytest.raises(InferenceServerException) as e:
         client.infer("tiny", [images_input([b"x"], False)], parameters={"keep_rate": 1.5})
     assert e.value.status() == "422" and "keep_rate" in e.value.message()
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("tiny", [images_input([b"x"], False)], priority=4)  # 3 levels in the model config
+    assert e.value.status() == "422" and "priority" in e.value.message()

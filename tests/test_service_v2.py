@@ -187,3 +187,21 @@ async def test_bad_scheduling_parameters_422(serve, tiny_settings, image_bytes, 
         r = await client.post("/v2/models/tiny/infer", json=infer_payload([image_bytes()], **parameters),
                               headers=headers)
         assert r.status_code == 422 and field in r.json()["error"], r.text
+
+
+async def test_triton_priority_levels(serve, tiny_settings, image_bytes) -> None:
+    """Triton's integer priority (what tritonclient's ``priority=`` sends): 1 high, 2 normal, 3 low, 0 default."""
+    from test_service_api import metric
+
+    async with serve(tiny_settings()) as (_, client):
+        for level in (1, 3, 3, 0):
+            r = await client.post("/v2/models/tiny/infer",
+                                  json=infer_payload([image_bytes()], keep_rate="auto", priority=level))
+            assert r.status_code == 200, r.text
+        text = (await client.get("/metrics")).text
+        classes = ("high", "low", "normal")
+        runs = {p: metric(text, "evit_auto_keep_rate_count", model="tiny", priority=p) for p in classes}
+        assert runs == {"high": 1, "low": 2, "normal": 1}
+        for bad in (4, -1, True, 1.0):
+            r = await client.post("/v2/models/tiny/infer", json=infer_payload([image_bytes()], priority=bad))
+            assert r.status_code == 422 and "priority" in r.json()["error"], bad
