@@ -13,14 +13,14 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, FastAPI, Header, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 from pydantic import BeforeValidator, Field
+from starlette.routing import Route
 
 from service import v2
 from service.auth import protect
 from service.errors import ApiError, install_error_handlers
 from service.logs import RequestLogMiddleware
-from service.metrics import CONTENT_TYPE
 from service.registry import Registry
 from service.runtime import Answer, Service, ServiceDep
 from service.scheduler import PRIORITIES, Ask
@@ -163,10 +163,6 @@ async def readyz(svc: ServiceDep) -> JSONResponse:
     return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if svc.ready else 503)
 
 
-async def metrics(svc: ServiceDep) -> Response:
-    return Response(svc.metrics.render(), media_type=CONTENT_TYPE)
-
-
 def create_app(settings: Settings | None = None, registry: Registry | None = None) -> FastAPI:
     """The service as an ASGI app. ``registry``: models already loaded (else the lifespan loads them)."""
     settings = settings or Settings()
@@ -194,12 +190,12 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.service = service
+    service.metrics.set_build_info(backend="torch")
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(v2.router)
-    if settings.metrics_path:
-        app.add_api_route(settings.metrics_path, metrics, methods=["GET"], tags=["service"],
-                          summary="Prometheus metrics", responses={200: {"content": {CONTENT_TYPE: {}}}})
+    if settings.metrics_path:  # prometheus_client's ASGI app: gzip and OpenMetrics by negotiation
+        app.router.routes.append(Route(settings.metrics_path, service.metrics.asgi_app(), methods=["GET"]))
     app.add_middleware(BodyTimeout, seconds=settings.body_timeout_s)
     if settings.api_tokens:
         protect(app, [t.get_secret_value() for t in settings.api_tokens], settings.metrics_path)

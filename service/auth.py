@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.errors import error_response
+from service.errors import error_response, is_v2
 
 MIN_TOKEN_LENGTH = 16
 HEALTH_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
@@ -27,6 +27,8 @@ UNAUTHORIZED_DOC = {
     "description": "A bearer token is required (the service was started with API tokens) and was missing or wrong.",
     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
 }
+V2_UNAUTHORIZED_DOC = {**UNAUTHORIZED_DOC,
+                       "content": {"application/json": {"schema": {"$ref": "#/components/schemas/V2ErrorResponse"}}}}
 
 
 def read_token_file(path: Path) -> list[str]:
@@ -111,7 +113,7 @@ def _documented(build: Callable[[], dict[str, Any]], free: set[str]) -> Callable
                 continue
             for operation in operations.values():
                 operation["security"] = [{"bearer": []}]
-                operation.setdefault("responses", {})["401"] = UNAUTHORIZED_DOC
+                operation.setdefault("responses", {})["401"] = V2_UNAUTHORIZED_DOC if is_v2(path) else UNAUTHORIZED_DOC
         return spec
 
     return openapi

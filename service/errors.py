@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.schemas import ErrorResponse
+from service.schemas import ErrorResponse, V2ErrorResponse
 
 log = logging.getLogger("service.errors")
 
@@ -19,6 +19,7 @@ _TYPES = {
     413: "payload_too_large", 415: "unsupported_media_type", 422: "invalid_parameter", 499: "client_closed_request",
     500: "internal_error", 503: "unavailable", 504: "timeout",
 }
+V2_PREFIX = "/v2"  # Open Inference Protocol routes answer errors in its body
 CLIENT_GONE = 499  # nginx's convention; only logs and metrics ever see it
 
 
@@ -35,12 +36,21 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+def is_v2(path: str) -> bool:
+    """Whether ``path`` is an Open Inference Protocol route (errors in its body)."""
+    return path == V2_PREFIX or path.startswith(V2_PREFIX + "/")
+
+
 def error_response(
     request: Request, status: int, error: str, message: str,
     headers: dict[str, str] | None = None, details: list[dict[str, Any]] | None = None,
 ) -> JSONResponse:
     request_id = getattr(request.state, "request_id", None)
-    body = ErrorResponse(status=status, error=error, message=message, request_id=request_id, details=details)
+    body: ErrorResponse | V2ErrorResponse
+    if is_v2(request.url.path):  # the protocol's {"error": "<message>"}, the type in "code"
+        body = V2ErrorResponse(error=message, code=error, status=status, request_id=request_id, details=details)
+    else:
+        body = ErrorResponse(status=status, error=error, message=message, request_id=request_id, details=details)
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
 
 

@@ -1,20 +1,25 @@
 """Every Prometheus metric of the service, defined once, in base units (seconds, tokens).
 
 Each app owns its own ``CollectorRegistry`` (tests build many apps in one process). ``keep_rate``
-labels are bucketed to 0.05 so a client sending arbitrary rates cannot blow up cardinality.
+labels are bucketed to 0.05 so a client sending arbitrary rates cannot blow up cardinality. One unit per
+metric: a name ends in its unit (``_seconds``, ``_seconds_per_gmac``) or is a count or ratio. ``asgi_app``
+serves them with prometheus_client's ASGI app (gzip on ``Accept-Encoding``, OpenMetrics on ``Accept``).
 """
 
 from __future__ import annotations
 
 import math
+import platform
+from importlib.metadata import PackageNotFoundError, version
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
+    Info,
     generate_latest,
+    make_asgi_app,
 )
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
@@ -32,7 +37,6 @@ LATENCY_BUCKETS = (
 QUEUE_BUCKETS = (0.0001, 0.0005, *LATENCY_BUCKETS)
 BATCH_SIZE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024)
 KEEP_RATE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))  # 0.05, 0.10, ..., 1.00
-CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 def rate_label(keep_rate: float | None) -> str:
@@ -54,8 +58,8 @@ class Metrics:
             ["model", "keep_rate", "code"], registry=r,
         )
         self.request_duration = Histogram(
-            "evit_request_duration_seconds", "Time from request arrival to answer, answered (200) requests.",
-            ["model", "keep_rate"], buckets=LATENCY_BUCKETS, registry=r,
+            "evit_request_duration_seconds", "Time from request arrival to answer, every answer (code: HTTP status).",
+            ["model", "keep_rate", "code"], buckets=LATENCY_BUCKETS, registry=r,
         )
         self.decode_duration = Histogram(
             "evit_decode_seconds", "Image validation, decoding and preprocessing time.",
@@ -96,15 +100,24 @@ class Metrics:
             "evit_batch_measured_seconds", "A batch's time (all its passes) as measured; compare with "
             "evit_batch_predicted_seconds.", ["model"], buckets=LATENCY_BUCKETS, registry=r,
         )
-        self.latency_model = Gauge(
-            "evit_latency_model", "The latency model's current fit: pass time = overhead_seconds + "
-            "seconds_per_gmac * GMACs; relative_error is the RMS relative error of recent predictions.",
-            ["model", "parameter"], registry=r,
+        # the latency model's current fit: pass time = overhead + seconds_per_gmac * GMACs
+        self.latency_overhead = Gauge(
+            "evit_latency_model_overhead_seconds", "The latency model's fixed time per forward pass.",
+            ["model"], registry=r,
+        )
+        self.latency_slope = Gauge(
+            "evit_latency_model_seconds_per_gmac", "The latency model's time per GMAC of a forward pass.",
+            ["model"], registry=r,
+        )
+        self.latency_error = Gauge(
+            "evit_latency_model_relative_error", "RMS relative error of the latency model's recent predictions "
+            "(a ratio).", ["model"], registry=r,
         )
         self.deadline_refused = Counter(
             "evit_deadline_refused", "Requests refused because they would finish past their deadline: at "
             "admission or when their batch was formed (stage).", ["model", "priority", "stage"], registry=r,
         )
+        self.build_info = Info("evit_build", "Versions this server runs (value always 1).", registry=r)
         self.ready = Gauge(
             "evit_ready", "1 when the service is ready to take requests (loaded, warmed up, not draining).",
             registry=r,
@@ -121,13 +134,40 @@ class Metrics:
     def count_request(self, model: str, keep_rate: float | None, code: int, seconds: float) -> None:
         rate = rate_label(keep_rate)
         self.requests.labels(model=model, keep_rate=rate, code=str(code)).inc()
-        if code == 200:
-            self.request_duration.labels(model=model, keep_rate=rate).observe(seconds)
+        self.request_duration.labels(model=model, keep_rate=rate, code=str(code)).observe(seconds)
 
     def set_latency_model(self, model: str, overhead_s: float, seconds_per_gmac: float, error: float) -> None:
-        for name, value in (("overhead_seconds", overhead_s), ("seconds_per_gmac", seconds_per_gmac),
-                            ("relative_error", error)):
-            self.latency_model.labels(model=model, parameter=name).set(value)
+        self.latency_overhead.labels(model=model).set(overhead_s)
+        self.latency_slope.labels(model=model).set(seconds_per_gmac)
+        self.latency_error.labels(model=model).set(error)
+
+    def set_build_info(self, backend: str) -> None:
+        """``evit_build_info{version, torch, timm, python, backend} 1``."""
+        import timm
+        import torch
+
+        self.build_info.info({"version": _version("evit-serve"), "torch": torch.__version__, "timm": timm.__version__,
+                              "python": platform.python_version(), "backend": backend})
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def asgi_app(self) -> MetricsApp:
+        return MetricsApp(self.registry)
+
+
+class MetricsApp:
+    """prometheus_client's ASGI app as an object, so a Starlette ``Route`` hands it the raw ASGI call."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.app = make_asgi_app(registry)
+
+    async def __call__(self, scope: dict, receive: object, send: object) -> None:
+        await self.app(scope, receive, send)
+
+
+def _version(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "unknown"

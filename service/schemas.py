@@ -104,11 +104,11 @@ _ERRORS: dict[int, str] = {
 }
 
 
-def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses=`` entries for the given status codes, all with the :class:`ErrorResponse` body."""
+def error_responses(*codes: int, model: type[BaseModel] = ErrorResponse) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` entries for the given status codes, all with the ``model`` error body."""
     out: dict[int | str, dict[str, Any]] = {}
     for code in codes:
-        entry: dict[str, Any] = {"model": ErrorResponse, "description": _ERRORS[code]}
+        entry: dict[str, Any] = {"model": model, "description": _ERRORS[code]}
         if code == 503:
             entry["headers"] = {
                 "Retry-After": {"description": "seconds after which a retry should succeed",
@@ -119,6 +119,16 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 # -- Open Inference Protocol (KServe V2) ------------------------------------------------------------------
+class V2ErrorResponse(BaseModel):
+    """The protocol's error body (what tritonclient and KServe clients show), with the service's fields beside it."""
+
+    error: str = Field(description="what went wrong, for humans (the protocol's field)")
+    code: str = Field(description="a stable machine-readable error type, e.g. 'undecodable_image'")
+    status: int = Field(description="the HTTP status code, repeated")
+    request_id: str | None = None
+    details: list[dict[str, Any]] | None = Field(None, description="per-field problems (422)")
+
+
 class V2Tensor(BaseModel):
     name: str
     datatype: str
@@ -179,3 +189,36 @@ class V2Ready(BaseModel):
 class V2ModelReady(BaseModel):
     name: str
     ready: bool
+
+
+# -- Triton's model configuration (GET /v2/models/{name}/config), the fields its tools read -----------------
+class TritonTensorConfig(BaseModel):
+    name: str
+    data_type: str  # TYPE_FP32, TYPE_INT64, TYPE_STRING
+    dims: list[int]  # without the batch dimension (max_batch_size > 0)
+
+
+class TritonDynamicBatching(BaseModel):
+    preferred_batch_size: list[int]
+    max_queue_delay_microseconds: int
+    priority_levels: int  # the request parameter priority: 1 high, 2 normal, 3 low (or the names)
+    default_priority_level: int
+
+
+class TritonInstanceGroup(BaseModel):
+    name: str
+    kind: str  # KIND_CPU | KIND_GPU
+    count: int = 1
+
+
+class TritonModelConfig(BaseModel):
+    name: str
+    platform: str
+    backend: str
+    version_policy: dict[str, Any] = {"latest": {"num_versions": 1}}
+    max_batch_size: int
+    input: list[TritonTensorConfig]
+    output: list[TritonTensorConfig]
+    dynamic_batching: TritonDynamicBatching
+    instance_group: list[TritonInstanceGroup]
+    parameters: dict[str, dict[str, str]] = Field(default_factory=dict)  # {"key": {"string_value": "..."}}

@@ -4,11 +4,14 @@
 element is the base64 of an encoded image; with the binary tensor data extension (what Triton's clients
 and perf_analyzer send), the JSON header is followed by the raw elements, each prefixed by its 4-byte
 little-endian length. Request parameters: ``keep_rate`` (in (0, 1] or ``"auto"``, default the model's),
-``top_k``, and the scheduling parameters of ``/classify``: ``min_keep_rate``, ``deadline_ms`` (also the
-``X-Deadline-Ms`` header; the smaller counts) and ``priority``; every image of the request is scheduled
-with them. The answer's parameters give ``keep_rate`` (the first image's) and ``keep_rates`` (each one's).
+``top_k``, ``binary_data_output`` (service/v2_binary.py), and the scheduling parameters of ``/classify``:
+``min_keep_rate``, ``deadline_ms`` (also the ``X-Deadline-Ms`` header; the smaller counts) and
+``priority``; every image of the request is scheduled with them. The answer's parameters give
+``keep_rate`` (the first image's) and ``keep_rates`` (each one's).
 Outputs (all by default, or those the request names): ``probabilities`` FP32 ``[N, k]``, ``classes``
-INT64 ``[N, k]``, ``labels`` BYTES ``[N, k]``, ``tokens`` INT64 ``[N]``; answers are always JSON.
+INT64 ``[N, k]``, ``labels`` BYTES ``[N, k]``, ``tokens`` INT64 ``[N]``; in JSON, or as binary data when asked.
+``GET /v2/models/{name}/config`` gives Triton's model configuration (what perf_analyzer and model-analyzer
+read at start-up). Errors have the protocol's body, ``{"error": "<message>", "code": "<type>", ...}``.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import math
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from service.errors import ApiError
@@ -28,6 +32,11 @@ from service.registry import HostedModel
 from service.runtime import Answer, Service, ServiceDep
 from service.scheduler import PRIORITIES, Ask
 from service.schemas import (
+    TritonDynamicBatching,
+    TritonInstanceGroup,
+    TritonModelConfig,
+    TritonTensorConfig,
+    V2ErrorResponse,
     V2InferRequest,
     V2InferResponse,
     V2Live,
@@ -37,14 +46,21 @@ from service.schemas import (
     V2ServerMetadata,
     V2Tensor,
     V2TensorMetadata,
-    error_responses,
 )
+from service.schemas import error_responses as _error_responses
 from service.upload import read_body
+from service.v2_binary import BINARY_ANSWER_DOC, binary_outputs, respond
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
 VERSION = "1"
 OUTPUTS = ("probabilities", "classes", "labels", "tokens")
 HEADER_LENGTH = "inference-header-content-length"
+TRITON_TYPES = {"FP32": "TYPE_FP32", "INT64": "TYPE_INT64", "BYTES": "TYPE_STRING"}
+OUTPUT_META = (V2TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, -1]),
+               V2TensorMetadata(name="classes", datatype="INT64", shape=[-1, -1]),
+               V2TensorMetadata(name="labels", datatype="BYTES", shape=[-1, -1]),
+               V2TensorMetadata(name="tokens", datatype="INT64", shape=[-1]))
+error_responses = functools.partial(_error_responses, model=V2ErrorResponse)  # the protocol's error body
 
 
 @router.get("", response_model=V2ServerMetadata)
@@ -71,12 +87,31 @@ async def model_metadata(model_name: str, svc: ServiceDep, version: str = VERSIO
     return V2ModelMetadata(
         name=hosted.name, versions=[VERSION], platform="pytorch_evit",
         inputs=[V2TensorMetadata(name="image", datatype="BYTES", shape=[-1])],
-        outputs=[V2TensorMetadata(name="probabilities", datatype="FP32", shape=[-1, -1]),
-                 V2TensorMetadata(name="classes", datatype="INT64", shape=[-1, -1]),
-                 V2TensorMetadata(name="labels", datatype="BYTES", shape=[-1, -1]),
-                 V2TensorMetadata(name="tokens", datatype="INT64", shape=[-1])],
+        outputs=list(OUTPUT_META),
         parameters={k: info[k] for k in ("architecture", "default_keep_rate", "prune_blocks", "gmacs",
                                          "random_weights", "input_size")},
+    )
+
+
+@router.get("/models/{model_name}/config", response_model=TritonModelConfig, responses=error_responses(404))
+@router.get("/models/{model_name}/versions/{version}/config", response_model=TritonModelConfig,
+            responses=error_responses(404), include_in_schema=False)
+async def model_config(model_name: str, svc: ServiceDep, version: str = VERSION) -> TritonModelConfig:
+    """Triton's model configuration: dims leave out the batch dimension, as with ``max_batch_size`` > 0."""
+    hosted = _model(svc, model_name, version)
+    s, info = svc.settings, hosted.info()
+    return TritonModelConfig(
+        name=hosted.name, platform="pytorch_evit", backend="evit", max_batch_size=s.max_batch_size,
+        input=[TritonTensorConfig(name="image", data_type="TYPE_STRING", dims=[1])],
+        output=[TritonTensorConfig(name=o.name, data_type=TRITON_TYPES[o.datatype], dims=o.shape[1:] or [1])
+                for o in OUTPUT_META],
+        dynamic_batching=TritonDynamicBatching(preferred_batch_size=[s.max_batch_size],
+                                               max_queue_delay_microseconds=round(s.max_wait_ms * 1000),
+                                               priority_levels=len(PRIORITIES), default_priority_level=2),
+        instance_group=[TritonInstanceGroup(name=hosted.name, kind="KIND_CPU" if info["device"] == "cpu"
+                                            else "KIND_GPU")],
+        parameters={k: {"string_value": str(info[k])} for k in ("architecture", "default_keep_rate",
+                                                                  "prune_blocks", "dtype")},
     )
 
 
@@ -89,12 +124,12 @@ async def model_ready(model_name: str, svc: ServiceDep) -> JSONResponse:
 
 
 _INFER = dict(response_model=V2InferResponse, response_model_exclude_none=True,
-              responses=error_responses(400, 404, 408, 413, 415, 422, 503, 504))
+              responses={**BINARY_ANSWER_DOC, **error_responses(400, 404, 408, 413, 415, 422, 503, 504)})
 
 
 @router.post("/models/{model_name}/infer", **_INFER)
 @router.post("/models/{model_name}/versions/{version}/infer", include_in_schema=False, **_INFER)
-async def infer(model_name: str, request: Request, svc: ServiceDep, version: str = VERSION) -> V2InferResponse:
+async def infer(model_name: str, request: Request, svc: ServiceDep, version: str = VERSION) -> Response:
     hosted = _model(svc, model_name, version)
     request.state.metric_labels = (hosted.name, None)
     body = await read_body(request, svc.settings.max_body_bytes)
@@ -111,13 +146,14 @@ async def infer(model_name: str, request: Request, svc: ServiceDep, version: str
     unknown = sorted(set(wanted) - set(OUTPUTS))
     if unknown:
         raise ApiError(422, f"unknown outputs {unknown}; this model has {list(OUTPUTS)}", "invalid_parameter")
+    as_binary = binary_outputs(req, wanted)
     answers = await _run(svc, request, hosted, keep_rate, top_k, images, ask)
-    return V2InferResponse(
+    return respond(V2InferResponse(
         model_name=hosted.name, model_version=VERSION, id=req.id,
         parameters={"keep_rate": answers[0].keep_rate, "keep_rates": [a.keep_rate for a in answers],
                     "batch_sizes": [a.result.batch_size for a in answers]},
         outputs=[_output(name, answers, top_k) for name in wanted],
-    )
+    ), as_binary)
 
 
 def _model(svc: Service, name: str, version: str) -> HostedModel:
@@ -171,6 +207,8 @@ def _deadline(value: Any, name: str, text: bool = False) -> float | None:
 def _ask(params: dict[str, Any], header: str | None) -> Ask:
     """The request's scheduling parameters, validated as ``/classify`` validates its query."""
     priority = params.get("priority", "normal")
+    if type(priority) is int and 0 <= priority <= len(PRIORITIES):  # Triton's levels: 1 highest, 0 the default
+        priority = PRIORITIES[priority - 1] if priority else "normal"
     if priority not in PRIORITIES:
         raise ApiError(422, f"parameter priority must be one of {list(PRIORITIES)}, got {priority!r}",
                        "invalid_parameter")

@@ -113,3 +113,24 @@ def live_server(log_dir: Path, **kwargs: Any) -> Iterator[LiveServer]:
         yield server
     finally:
         server.close()
+
+
+@contextmanager
+def thread_server(app: Any, port: int | None = None, **config: Any) -> Iterator[str]:
+    """``app`` on a real uvicorn server in a thread of this process, on 127.0.0.1; yields its URL once ready."""
+    import threading
+
+    import uvicorn
+
+    port = port or free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False,
+                                           lifespan="on", **config))
+    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ok(f"{url}/readyz", thread.is_alive, 60)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(30)

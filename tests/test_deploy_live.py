@@ -197,12 +197,13 @@ def test_prometheus_reads_back_the_latency_histogram(service: dict, prometheus: 
     def by_rate(result: list[dict]) -> dict[str, float]:
         return {c["metric"]["keep_rate"]: float(c["value"][1]) for c in result}
 
-    counts = query_until(prometheus, 'evit_request_duration_seconds_count{job="evit"}',
+    counts = query_until(prometheus, 'evit_request_duration_seconds_count{job="evit",code="200"}',
                          ok=lambda res: by_rate(res) == expected)
     assert by_rate(counts) == expected, "answered requests per keep rate"
-    buckets = query(prometheus, 'evit_request_duration_seconds_bucket{job="evit",le="+Inf"}')
+    buckets = query(prometheus, 'evit_request_duration_seconds_bucket{job="evit",code="200",le="+Inf"}')
     assert by_rate(buckets) == expected, "the +Inf bucket counts every request"
-    p50 = query(prometheus, 'histogram_quantile(0.5, sum by (keep_rate, le) (evit_request_duration_seconds_bucket))')
+    p50 = query(prometheus, 'histogram_quantile(0.5, sum by (keep_rate, le) '
+                            '(evit_request_duration_seconds_bucket{code="200"}))')
     assert len(p50) == len(KEEP_RATES)
     for series in p50:
         assert 0 < float(series["value"][1]) < 30, series
@@ -210,6 +211,8 @@ def test_prometheus_reads_back_the_latency_histogram(service: dict, prometheus: 
     assert float(tokens["value"][1]) == service["tokens"], "tokens counted = tokens reported to clients"
     (rejected,) = query(prometheus, 'sum(evit_requests_total{code="422"})')
     assert float(rejected["value"][1]) == 1
+    (refused,) = query(prometheus, 'sum(evit_request_duration_seconds_count{code="422"})')
+    assert float(refused["value"][1]) == 1, "refusals have durations too"
 
 
 def test_every_dashboard_query_runs_on_real_data(service: dict, prometheus: str) -> None:

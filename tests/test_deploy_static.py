@@ -164,8 +164,9 @@ def test_probe_paths_are_service_routes() -> None:
     """Every HTTP path a probe or healthcheck of the deployment files calls is a route of the service."""
     app = pytest.importorskip("service.app")
     settings = pytest.importorskip("service.settings")
-    # the routes of the app as it is built (no model is loaded), from its OpenAPI document
-    routes = set(app.create_app(settings.Settings()).openapi()["paths"])
+    # the routes of the app as it is built (no model is loaded); /metrics is prometheus_client's ASGI app
+    served = app.create_app(settings.Settings())
+    routes = set(served.openapi()["paths"]) | {getattr(r, "path", "") for r in served.routes}
     texts = [f.read_text() for f in K8S.rglob("*.yaml")]
 
     def http_gets(node: object) -> Iterator[str]:
@@ -258,5 +259,25 @@ def test_adapter_configmap_and_kserve_podspec_validate(tmp_path: Path) -> None:
     out = run(validate, "--strict", "--quiet", str(pod))
     assert out.returncode == 0, out.stdout + out.stderr
     (c,) = spec["containers"]
-    env = {e["name"]: e["value"] for e in c["env"]}
+    env = {e["name"]: e.get("value") for e in c["env"]}
     assert int(env["EVIT_PORT"]) == c["ports"][0]["containerPort"] == c["readinessProbe"]["httpGet"]["port"]
+
+
+def test_kserve_serves_the_model_under_the_inferenceservice_name() -> None:
+    """Kubernetes' $(VAR) expansion of the container env, with the label KServe sets on predictor pods, gives
+    EVIT_MODEL a NAME that is the InferenceService's name; a startup probe covers model loading."""
+    settings = pytest.importorskip("service.settings")
+    isvc = yaml.safe_load((K8S / "kserve" / "inferenceservice.yaml").read_text())
+    (c,) = isvc["spec"]["predictor"]["containers"]
+    labels = {"serving.kserve.io/inferenceservice": isvc["metadata"]["name"]}
+    env: dict[str, str] = {}
+    for e in c["env"]:  # in order: a $(VAR) refers to a variable defined above it
+        if "valueFrom" in e:
+            path = e["valueFrom"]["fieldRef"]["fieldPath"]
+            env[e["name"]] = labels[re.fullmatch(r"metadata\.labels\['(.+)'\]", path).group(1)]
+        else:
+            env[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], e["value"])
+    served = settings.Settings(model=env["EVIT_MODEL"], random_weights=True).model_specs()
+    assert [s.name for s in served] == [isvc["metadata"]["name"]] and served[0].arch == "vit_tiny_patch16_224"
+    startup, liveness = c["startupProbe"], c["livenessProbe"]
+    assert startup["httpGet"] == liveness["httpGet"] and startup["periodSeconds"] * startup["failureThreshold"] >= 60

@@ -4,14 +4,12 @@ a bounded number of examples. No 5xx, answers match the documented schemas, auth
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
 
 import httpx
 import pytest
 import schemathesis
-import uvicorn
-from _live import free_port, wait_ok
+from _live import thread_server
 from _reliability import LEAK, record
 from conftest import TINY_MODEL
 from hypothesis import HealthCheck, given, settings
@@ -36,16 +34,8 @@ SKIPPED: list[str] = []
 @pytest.fixture(scope="module")
 def api_url():
     settings_ = Settings(models=[TINY_MODEL], device="cpu", api_tokens=TOKEN, request_timeout_s=5.0, torch_threads=1)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings_), host="127.0.0.1", port=port, log_config=None,
-                                           access_log=False, lifespan="on"))
-    thread = threading.Thread(target=server.run, name="uvicorn-fuzz", daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    wait_ok(f"{url}/readyz", thread.is_alive, 60)
-    yield url
-    server.should_exit = True
-    thread.join(30)
+    with thread_server(create_app(settings_)) as url:
+        yield url
 
 
 def test_api_conforms_to_its_schema(api_url) -> None:

@@ -106,7 +106,7 @@ def test_sigterm_under_load_loses_no_accepted_request(box) -> None:
     assert all(o.error == "draining" and o.retry_after for o in refused)
     assert all(handled.get(o.request_id) == 200 for o in outcomes if o.status == 200)
     assert answered_after  # requests queued at SIGTERM were answered during the drain
-    assert any(e.get("msg") == "drained" for e in server.log_lines())
+    assert any(e.get("message") == "drained" for e in server.log_lines())
     record("sigterm", {
         "what": f"{CLIENTS} back-to-back clients, SIGTERM after 1.5 s and {CLIENTS} answers "
                 f"(drain timeout {LIMITS['drain_timeout_s']:g} s)",

@@ -47,9 +47,13 @@ async def test_auto_reports_the_rate_it_chose(serve, tiny_settings, image_bytes)
         assert metric(metrics, "evit_requests_total", model="tiny", keep_rate="0.50", code="200") == 1
         batches = metric(metrics, "evit_batch_measured_seconds_count", model="tiny")
         assert batches == 2 == metric(metrics, "evit_batch_predicted_seconds_count", model="tiny")
-        assert metric(metrics, "evit_latency_model", model="tiny", parameter="overhead_seconds") > 0
+        assert metric(metrics, "evit_latency_model_overhead_seconds", model="tiny") > 0
         info = (await client.get("/models")).json()["models"][0]["latency_model"]
         assert info["calibrated"] and info["passes_observed"] >= 1 and info["max_batch_size"] == 16
+        slope = metric(metrics, "evit_latency_model_seconds_per_gmac", model="tiny")
+        assert slope * 1e3 == pytest.approx(info["ms_per_gmac"], abs=1e-4)  # no traffic since: the same fit
+        assert metric(metrics, "evit_latency_model_relative_error", model="tiny") == pytest.approx(
+            info["relative_error"], abs=1e-4)
         assert info["predicted_batch_ms"]["1.00"] >= info["predicted_batch_ms"]["0.25"] > 0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from datetime import datetime
 
 import httpx
 import pytest
@@ -158,6 +159,8 @@ async def test_no_stack_traces_or_paths_and_request_ids(serve, tiny_settings, im
     for r in access:
         entry = json.loads(JsonFormatter().format(r))
         assert {"request_id", "method", "path", "status", "duration_ms"} <= entry.keys()
+        assert entry["level"] == "info" and entry["message"] == f"{entry['method']} /classify {entry['status']}"
+        assert datetime.fromisoformat(entry["timestamp"]).tzinfo is not None and "ts" not in entry
 
 
 def test_zz_record() -> None:

@@ -270,7 +270,9 @@ async def test_metrics_match_requests(serve, tiny_settings, image_bytes) -> None
         assert metric(text, "evit_requests_total", model="tiny", keep_rate="none", code="422") == 1
         assert metric(text, "evit_requests_total", model="none", code="404") == 1
         assert metric(text, "evit_requests_total", model="tiny", keep_rate="1.00", code="400") == 1
-        assert metric(text, "evit_request_duration_seconds_count", model="tiny", keep_rate="0.50") == 3
+        assert metric(text, "evit_request_duration_seconds_count", model="tiny", keep_rate="0.50", code="200") == 3
+        for labels in (dict(keep_rate="none", code="422"), dict(model="none", code="404"), dict(code="400")):
+            assert metric(text, "evit_request_duration_seconds_count", **{"model": "tiny", **labels}) == 1
         tokens = "evit_tokens_processed_total"
         assert metric(text, tokens, model="tiny", keep_rate="0.50") == 3 * model.cost(0.5).total_tokens
         assert metric(text, tokens, model="tiny", keep_rate="0.60") == 2 * model.cost(0.62).total_tokens

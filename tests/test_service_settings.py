@@ -10,9 +10,10 @@ from pydantic import ValidationError
 
 import evit
 from service.__main__ import main
+from service.flags import parse_settings
 from service.metrics import rate_label
 from service.registry import ModelLoadError, load_registry
-from service.settings import ASSET_CHECKPOINT, parse_settings
+from service.settings import ASSET_CHECKPOINT
 
 
 @pytest.fixture(autouse=True)
@@ -115,3 +116,47 @@ def test_keep_rate_labels_are_bucketed() -> None:
     assert [rate_label(r) for r in (1.0, 0.62, 0.625, 0.5, 0.33, 0.01, None)] == [
         "1.00", "0.60", "0.60", "0.50", "0.35", "0.05", "none"]
     assert len({rate_label(i / 1000) for i in range(1, 1001)}) == 20  # bounded cardinality
+
+
+def test_every_setting_is_a_flag_with_its_default_in_help(capsys) -> None:
+    from service.flags import build_parser
+    from service.settings import Settings
+
+    flags = {a.dest: a for a in build_parser()._actions}
+    assert set(Settings.model_fields) - set(flags) == {"api_tokens"}  # secrets are never flags (ps shows them)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for name in Settings.model_fields:
+        if name != "api_tokens":
+            assert f"--{name.replace('_', '-')}" in text and "(default: " in flags[name].help, name
+    assert "(default: 16; env EVIT_MAX_BATCH_SIZE)" in text and "(default: 8000; env EVIT_PORT, PORT)" in text
+
+
+def test_env_only_settings_now_have_flags(monkeypatch) -> None:
+    monkeypatch.setenv("EVIT_SEED", "5")
+    monkeypatch.setenv("EVIT_HALF", "false")
+    spec = {"name": "t", "arch": "vit_tiny_patch16_224", "weights": "random", "model_kwargs": {"img_size": 32}}
+    s = parse_settings(["--half", "--seed", "3", "--no-log-json", "--max-top-k", "7", "--image-formats", "JPEG,PNG",
+                        "--metrics-port", "9102", "--no-jpeg-draft", "--models", json.dumps([spec]),
+                        "--batch-policy", "grouped", "--low-priority-queue-share", "0.25"])
+    assert (s.half, s.seed, s.log_json, s.max_top_k, s.image_formats) == (True, 3, False, 7, ("JPEG", "PNG"))
+    assert (s.metrics_port, s.jpeg_draft, s.batch_policy, s.low_priority_queue_share) == (9102, False, "grouped", 0.25)
+    assert s.model_specs()[0].model_kwargs == {"img_size": 32}
+    s = parse_settings([])  # no flag: the environment counts
+    assert (s.half, s.seed, s.log_json, s.metrics_port) == (False, 5, True, None)
+    with pytest.raises(SystemExit):  # a type argparse can check is refused before pydantic
+        parse_settings(["--seed", "three"])
+
+
+def test_port_from_cloud_run_and_knative(monkeypatch) -> None:
+    assert parse_settings([]).port == 8000
+    monkeypatch.setenv("PORT", "9123")
+    assert parse_settings([]).port == 9123
+    monkeypatch.setenv("EVIT_PORT", "9000")  # EVIT_PORT wins over PORT, the flag over both
+    assert parse_settings([]).port == 9000 and parse_settings(["--port", "9001"]).port == 9001
+    monkeypatch.setenv("PORT", "99999")
+    assert parse_settings([]).port == 9000  # PORT is not even read when EVIT_PORT is set
+    monkeypatch.delenv("EVIT_PORT")
+    with pytest.raises(ValidationError):
+        parse_settings([])

@@ -26,7 +26,10 @@ async def test_health_and_metadata(serve, tiny_settings) -> None:
         assert {o["name"] for o in meta["outputs"]} == {"probabilities", "classes", "labels", "tokens"}
         assert (await client.get("/v2/models/tiny/ready")).json() == {"name": "tiny", "ready": True}
         r = await client.get("/v2/models/nope")
-        assert r.status_code == 404 and r.json()["error"] == "unknown_model"
+        assert r.status_code == 404 and r.json()["code"] == "unknown_model" and "nope" in r.json()["error"]
+        # outside /v2 the service's own error body stays
+        assert (await client.post("/classify?model=nope", content=b"x")).json()["error"] == "unknown_model"
+        assert (await client.get("/v2/no-such-route")).json()["code"] == "not_found"
         assert (await client.get("/v2/models/nope/ready")).status_code == 404
         assert (await client.get("/v2/models/tiny/versions/7")).status_code == 404
 
@@ -79,6 +82,30 @@ async def test_infer_binary_tensor_extension(serve, tiny_settings, image_bytes) 
             assert out["data"][2 * n : 2 * n + 2] == [p["class_index"] for p in ref]
 
 
+async def test_binary_outputs_layout(serve, tiny_settings, image_bytes) -> None:
+    """``binary_data`` per output, ``binary_data_output`` for the rest: raw little-endian bytes after the header."""
+    payload = infer_payload([image_bytes(seed=5)], top_k=2, binary_data_output=True)
+    payload["outputs"] = [{"name": "probabilities"}, {"name": "labels"}, {"name": "classes", "parameters":
+                                                                         {"binary_data": False}}]
+    async with serve(tiny_settings()) as (_, client):
+        ref = (await client.post("/v2/models/tiny/infer", json={**payload, "parameters": {"top_k": 2}})).json()
+        r = await client.post("/v2/models/tiny/infer", json=payload)
+        assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
+        split = int(r.headers["inference-header-content-length"])
+        header, raw = json.loads(r.content[:split]), r.content[split:]
+        probs, labels, classes = header["outputs"]
+        assert classes == ref["outputs"][2] and "data" not in probs and "data" not in labels
+        n = probs["parameters"]["binary_data_size"]
+        assert n == 2 * 4 and len(raw) == n + labels["parameters"]["binary_data_size"]
+        assert list(struct.unpack("<2f", raw[:n])) == pytest.approx(ref["outputs"][0]["data"], abs=1e-7)
+        names, i = [], n
+        while i < len(raw):
+            (size,) = struct.unpack("<I", raw[i : i + 4])
+            names.append(raw[i + 4 : i + 4 + size].decode())
+            i += 4 + size
+        assert names == ref["outputs"][1]["data"]
+
+
 @pytest.mark.parametrize(("payload", "code"), [
     ({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["@@not base64@@"]}]}, 400),
     ({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64(b"not an image")]}]}, 400),
@@ -98,7 +125,7 @@ async def test_infer_errors(serve, tiny_settings, payload, code) -> None:
     async with serve(tiny_settings()) as (_, client):
         r = await client.post("/v2/models/tiny/infer", json=payload)
         assert r.status_code == code, r.text
-        assert isinstance(r.json()["error"], str) and r.json()["message"]
+        assert r.json()["error"] and r.json()["code"] and r.json()["status"] == code
         r = await client.post("/v2/models/tiny/infer", content=b"{not json")
         assert r.status_code == 400
 
@@ -141,10 +168,10 @@ async def test_infer_takes_the_scheduling_parameters(serve, tiny_settings, image
         slow = slow_model(app)
         # even an idle model needs 50 ms: a 30 ms deadline is refused at once, by parameter or by header
         r = await client.post("/v2/models/tiny/infer", json=infer_payload(images[:1], deadline_ms=30))
-        assert r.status_code == 504 and r.json()["error"] == "deadline_unreachable"
+        assert r.status_code == 504 and r.json()["code"] == "deadline_unreachable"
         r = await client.post("/v2/models/tiny/infer", json=infer_payload(images[:1], deadline_ms=5000),
                               headers={"X-Deadline-Ms": "30"})  # the smaller counts
-        assert r.status_code == 504 and r.json()["error"] == "deadline_unreachable"
+        assert r.status_code == 504 and r.json()["code"] == "deadline_unreachable"
         metrics = (await client.get("/metrics")).text
         assert metric(metrics, "evit_auto_keep_rate_count", model="tiny", priority="high") == 2
         assert metric(metrics, "evit_auto_keep_rate_sum", model="tiny", priority="high") == 1.0
@@ -159,7 +186,7 @@ async def test_bad_scheduling_parameters_422(serve, tiny_settings, image_bytes, 
     async with serve(tiny_settings()) as (_, client):
         r = await client.post("/v2/models/tiny/infer", json=infer_payload([image_bytes()], **parameters),
                               headers=headers)
-        assert r.status_code == 422 and field in r.json()["message"], r.text
+        assert r.status_code == 422 and field in r.json()["error"], r.text
 
 
 def binary_request(images: list[bytes], size_json: str | None = None, trailer: bytes = b"") -> tuple[bytes, str]:
@@ -178,8 +205,8 @@ async def test_malformed_binary_data_size_400(serve, tiny_settings, image_bytes,
     async with serve(tiny_settings()) as (_, client):
         r = await client.post("/v2/models/tiny/infer", content=body,
                               headers={"inference-header-content-length": length})
-        assert r.status_code == 400 and r.json()["error"] == "bad_binary_data_size", r.text
-        assert "binary_data_size" in r.json()["message"]
+        assert r.status_code == 400 and r.json()["code"] == "bad_binary_data_size", r.text
+        assert "binary_data_size" in r.json()["error"]
 
 
 async def test_binary_sizes_must_match_the_body(serve, tiny_settings, image_bytes) -> None:
@@ -193,7 +220,25 @@ async def test_binary_sizes_must_match_the_body(serve, tiny_settings, image_byte
         for header in ("²", "-1", "+12", " 12", "0x10", str(len(body) + 1), "1" * 400, ""):
             r = await client.post("/v2/models/tiny/infer", content=body,
                                   headers={"inference-header-content-length": header.encode()})  # raw UTF-8
-            assert r.status_code == 400 and r.json()["error"] == "bad_header_length", (header, r.text)
+            assert r.status_code == 400 and r.json()["code"] == "bad_header_length", (header, r.text)
         r = await client.post("/v2/models/tiny/infer", content=body,
                               headers={"inference-header-content-length": length})
         assert r.status_code == 200, r.text
+
+
+async def test_triton_priority_levels(serve, tiny_settings, image_bytes) -> None:
+    """Triton's integer priority (what tritonclient's ``priority=`` sends): 1 high, 2 normal, 3 low, 0 default."""
+    from test_service_api import metric
+
+    async with serve(tiny_settings()) as (_, client):
+        for level in (1, 3, 3, 0):
+            r = await client.post("/v2/models/tiny/infer",
+                                  json=infer_payload([image_bytes()], keep_rate="auto", priority=level))
+            assert r.status_code == 200, r.text
+        text = (await client.get("/metrics")).text
+        classes = ("high", "low", "normal")
+        runs = {p: metric(text, "evit_auto_keep_rate_count", model="tiny", priority=p) for p in classes}
+        assert runs == {"high": 1, "low": 2, "normal": 1}
+        for bad in (4, -1, True, 1.0):
+            r = await client.post("/v2/models/tiny/infer", json=infer_payload([image_bytes()], priority=bad))
+            assert r.status_code == 422 and "priority" in r.json()["error"], bad
