@@ -63,7 +63,7 @@ def fuzz_one(case: tuple[bytes, dict[str, bytes]]) -> None:
     assert r.status_code == 200 or 400 <= r.status_code < 500 or r.status_code in (503, 504), r.text
     if r.status_code != 200:
         error = r.json()
-        assert error["status"] == r.status_code and error["message"] and not LEAK.search(error["message"])
+        assert error["status"] == r.status_code and error["error"] and not LEAK.search(error["error"])
 
 
 @pytest.mark.timeout(240)

@@ -77,7 +77,7 @@ def test_thin_images_refused_before_any_large_allocation(tmp_path) -> None:
             start = time.perf_counter()
             r = client.post("/v2/models/vit/infer", content=body, headers={"inference-header-content-length": length})
             times["v2 x8"] = time.perf_counter() - start
-            assert r.status_code == 422 and r.json()["error"] == "extreme_aspect_ratio", r.text
+            assert r.status_code == 422 and r.json()["code"] == "extreme_aspect_ratio", r.text
         assert not watch.killed, f"server RSS grew past {WATCHDOG_MB} MB: killed"
         growth = watch.peak - watch.base
         assert client.post("/classify", content=normal).status_code == 200  # still serving
