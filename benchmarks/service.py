@@ -68,13 +68,13 @@ class RawPipeline:
 
     def __init__(self, spec: ModelSpec, batch: int, keep_rate: float) -> None:
         self.hosted = host(spec, Settings(models=[spec], device="cpu"), resolve_device("cpu"))
-        self.worker = DeviceWorker(self.hosted.device, None)
+        self.worker = DeviceWorker(self.hosted.device)
         self.worker.executor.submit(self.worker.warm_up, self.hosted, min(batch, 8), 1).result()
         self.batch, self.keep_rate = batch, keep_rate
 
     def _run(self, chunk: list[bytes]) -> None:
         samples = [Sample(self.hosted.preprocess(b), self.keep_rate, 5, False) for b in chunk]
-        self.worker.forward(self.hosted, samples, record=False)
+        self.worker.forward(self.hosted, samples)
 
     def run(self, chunk: list[bytes]) -> None:
         self.worker.executor.submit(self._run, chunk).result()

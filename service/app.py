@@ -7,6 +7,7 @@ Middleware, outermost first: request id + access log, bearer-token auth (when to
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,11 +19,12 @@ from pydantic import BeforeValidator, Field
 
 from service import v2
 from service.auth import protect
+from service.edge import ServiceDep, call_of, count_request
 from service.errors import ApiError, install_error_handlers
 from service.logs import RequestLogMiddleware
 from service.metrics import CONTENT_TYPE
 from service.registry import Registry
-from service.runtime import Answer, Service, ServiceDep
+from service.runtime import Answer, Service
 from service.scheduler import PRIORITIES, Ask
 from service.schemas import (
     ClassifyResponse,
@@ -107,7 +109,7 @@ async def classify(
         raise ApiError(422, f"top_k={top_k} is over the limit of {svc.settings.max_top_k}", "invalid_parameter")
     ask = Ask.of(keep_rate, min_keep_rate, (deadline_ms, x_deadline_ms), priority)
     answer = await svc.infer(
-        request, hosted, None if keep_rate == "auto" else keep_rate, top_k, return_tokens,
+        call_of(request), hosted, None if keep_rate == "auto" else keep_rate, top_k, return_tokens,
         lambda: read_image_bytes(request, svc.settings.max_body_bytes), ask,
     )
     return classify_response(answer)
@@ -203,5 +205,5 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     app.add_middleware(BodyTimeout, seconds=settings.body_timeout_s)
     if settings.api_tokens:
         protect(app, [t.get_secret_value() for t in settings.api_tokens], settings.metrics_path)
-    app.add_middleware(RequestLogMiddleware, on_done=service.count_request)
+    app.add_middleware(RequestLogMiddleware, on_done=functools.partial(count_request, service))
     return app

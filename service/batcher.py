@@ -1,15 +1,16 @@
 """Dynamic batching: one queue per model, batches formed on the event loop, run on the device's one thread.
 
 A request is *admitted* first (a slot in the model's bounded queue, taken before its image is decoded,
-so overload is refused cheaply with 503 + Retry-After), then *submitted* with its decoded tensor. A
+so overload is refused cheaply with ``Overloaded``: 503 + Retry-After), then *submitted* with its decoded tensor. A
 model's batch former takes a batch when it holds ``max_batch_size`` requests or its oldest request has
 waited ``max_wait``, and only while the model has no pass in flight: under load, requests that arrive
 during a pass form the next batch, so batches grow with load. When requests arrive further apart than
 ``max_wait`` on average (low load), waiting could only add latency, so an idle model runs at once. Requests whose
 client went away or whose deadline passed are dropped when the batch is formed: they are never run. The
 batch is split into forward passes by ``policy.plan_passes`` and each pass's requests are answered as soon
-as that pass ends. A pass that fails answers only its own requests (500); one that runs out of device memory
-is retried in halves, down to single samples, and what still does not fit gets 503 with Retry-After.
+as that pass ends. A pass that fails answers only its own requests (``InferenceFailed``); one that runs out
+of device memory is retried in halves, down to single samples, and what still does not fit gets
+``OutOfMemory`` (retryable). Errors are the core's own (``service.exceptions``); ``service.errors`` maps them to HTTP.
 
 Deadlines, ``keep_rate=auto`` and priorities are decided by ``scheduler`` with the model's latency model
 (``latency``): the queue is kept in priority order, a request that cannot meet its deadline is refused
@@ -29,7 +30,7 @@ from dataclasses import replace
 
 import torch
 
-from service.errors import ApiError
+from service.exceptions import DeadlineUnreachable, InferenceFailed, OutOfMemory, Overloaded, QueueTimeout
 from service.latency import LatencyModel
 from service.metrics import Metrics
 from service.modelqueue import ModelQueue, Pending, Ticket
@@ -48,7 +49,7 @@ class Batcher:
     def __init__(self, registry: Registry, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.workers = {d: DeviceWorker(d, metrics) for d in registry.devices}
+        self.workers = {d: DeviceWorker(d) for d in registry.devices}
         self.queues = {m.name: ModelQueue(m, self.workers[m.device], self._scheduler(m)) for m in registry}
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -99,7 +100,7 @@ class Batcher:
 
     # -- requests ------------------------------------------------------------------------------------
     def admit(self, model: str, job: Job) -> Ticket:
-        """A slot in ``model``'s queue, or 503 with Retry-After when the queue is full (for low priority:
+        """A slot in ``model``'s queue, or ``Overloaded`` when the queue is full (for low priority:
         its share of the queue), or a refusal when ``job`` is already predicted to miss its deadline."""
         q = self.queues[model]
         limit = self.settings.queue_size
@@ -107,8 +108,8 @@ class Batcher:
             limit = max(1, int(limit * self.settings.low_priority_queue_share))
         if q.admitted >= limit:
             which = "" if limit == self.settings.queue_size else " for low-priority requests"
-            raise ApiError(503, f"model {model} is overloaded{which} ({q.admitted} requests queued); retry later",
-                           "overloaded", {"Retry-After": str(self.retry_after(q))})
+            raise Overloaded(f"model {model} is overloaded{which} ({q.admitted} requests queued); retry later",
+                             self.retry_after(q))
         self._place(q, job, commit=False)  # refuse now rather than after reading and decoding the image
         q.admitted += 1
         self.metrics.admitted.labels(model=model).set(q.admitted)
@@ -154,7 +155,7 @@ class Batcher:
             q.busy_until = start + predicted
             try:
                 await loop.run_in_executor(q.worker.executor, self._run, q, batch, loop)
-            except Exception as e:  # the pass itself failed: answer 500, keep serving
+            except Exception as e:  # the pass itself failed: answer InferenceFailed, keep serving
                 log.exception("batch of %d failed on %s", len(batch), q.hosted.name)
                 self._fail([p for p in batch if not p.future.done()], e)
             finally:
@@ -184,7 +185,7 @@ class Batcher:
                 await asyncio.wait_for(q.wake.wait(), timeout)
 
     def _drop_dead(self, q: ModelQueue) -> None:
-        """Remove requests whose client left (future cancelled) or whose deadline passed (504): never run."""
+        """Remove requests whose client left (future cancelled) or whose deadline passed (QueueTimeout): never run."""
         if not q.items:
             return
         now = time.monotonic()
@@ -193,7 +194,7 @@ class Batcher:
             if p.future.done():
                 p.ticket.release()
             elif p.job.deadline <= now:
-                p.future.set_exception(ApiError(504, "request timed out waiting in the queue", "timeout"))
+                p.future.set_exception(QueueTimeout("request timed out waiting in the queue"))
                 p.ticket.release()
             else:
                 live.append(p)
@@ -219,8 +220,8 @@ class Batcher:
             batch.remove(p)
             self.metrics.deadline_refused.labels(model=name, priority=PRIORITIES[job.priority], stage="batch").inc()
             if not p.future.done():
-                p.future.set_exception(ApiError(504, "deadline cannot be met: the request's batch would finish "
-                                                "after its deadline, so it was not run", "deadline_unreachable"))
+                p.future.set_exception(DeadlineUnreachable("deadline cannot be met: the request's batch would finish "
+                                                           "after its deadline, so it was not run"))
         for p in batch:
             if p.sample.keep_rate != p.job.rate:
                 p.sample = replace(p.sample, keep_rate=p.job.rate)
@@ -253,8 +254,9 @@ class Batcher:
             loop.call_soon_threadsafe(self._fail, items, e)
             return
         if results is not None:
-            loop.call_soon_threadsafe(self._resolve, items, results)
             rates = [p.sample.keep_rate for p in items]
+            loop.call_soon_threadsafe(q.record, rates, results, self.metrics)
+            loop.call_soon_threadsafe(self._resolve, items, results)
             loop.call_soon_threadsafe(q.learn, rates, results[0].inference_s, self.metrics)
             return
         q.worker.release_memory()
@@ -280,8 +282,7 @@ class Batcher:
             if p.future.done():
                 continue
             if isinstance(error, torch.cuda.OutOfMemoryError):  # a capacity problem: worth retrying later
-                p.future.set_exception(ApiError(503, "inference ran out of device memory, even for this image "
-                                                "alone; retry later", "out_of_memory", {"Retry-After": "1"}))
+                p.future.set_exception(OutOfMemory("inference ran out of device memory, even for this image "
+                                                   "alone; retry later"))
             else:
-                p.future.set_exception(ApiError(500, f"inference failed: {type(error).__name__}",
-                                                "inference_failed"))
+                p.future.set_exception(InferenceFailed(f"inference failed: {type(error).__name__}"))

@@ -10,7 +10,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from service.latency import LatencyModel
-from service.metrics import Metrics
+from service.metrics import Metrics, rate_label
 from service.registry import HostedModel
 from service.scheduler import Job, Scheduler
 from service.worker import DeviceWorker, Sample, SampleResult
@@ -42,6 +42,18 @@ class ModelQueue:
 
     def jobs(self) -> list[Job]:
         return [p.job for p in self.items]
+
+    def record(self, rates: list[float], results: list[SampleResult], metrics: Metrics) -> None:
+        """A pass's metrics: its size and time, tokens by keep rate (on the event loop, before its answers)."""
+        name = self.hosted.name
+        metrics.batch_size.labels(model=name).observe(len(results))
+        metrics.batch_inference.labels(model=name).observe(results[0].inference_s)
+        per_rate: dict[str, int] = {}
+        for rate, r in zip(rates, results, strict=True):
+            label = rate_label(rate)
+            per_rate[label] = per_rate.get(label, 0) + r.tokens
+        for label, tokens in per_rate.items():
+            metrics.tokens.labels(model=name, keep_rate=label).inc(tokens)
 
     def learn(self, rates: list[float], seconds: float, metrics: Metrics) -> None:
         """The latency model learns from a measured pass (on the event loop)."""

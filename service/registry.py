@@ -16,7 +16,7 @@ from timm.data import ImageNetInfo, infer_imagenet_subset
 from torch import nn
 
 import evit
-from service.errors import ApiError
+from service.exceptions import UnknownModel
 from service.images import ImageLimits, Preprocessor, check_formats
 from service.runners.base import Runner
 from service.runners.torch import TorchRunner
@@ -107,7 +107,7 @@ class Registry:
     def get(self, name: str | None) -> HostedModel:
         model = self.models.get(name or self.default)
         if model is None:
-            raise ApiError(404, f"unknown model {name!r}; hosted: {', '.join(self.models)}", "unknown_model")
+            raise UnknownModel(f"unknown model {name!r}; hosted: {', '.join(self.models)}")
         return model
 
     def __iter__(self) -> Iterator[HostedModel]:

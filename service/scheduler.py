@@ -35,7 +35,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from service.errors import ApiError
+from service.exceptions import DeadlineUnreachable
 from service.latency import LatencyModel, OfferedLoad
 from service.policy import plan_passes
 
@@ -94,22 +94,21 @@ class Unreachable(Exception):
         return self.idle_finish > self.deadline
 
 
-def refusal(e: Unreachable, queued: int, retry_after_s: int) -> ApiError:
-    """The answer to a request refused at arrival: 504 when only a longer deadline helps, else 503.
+def refusal(e: Unreachable, queued: int, retry_after_s: int) -> DeadlineUnreachable:
+    """The refusal of a request at arrival: retryable (``retry_after_s``) only when the load is the reason.
     A request without ``deadline_ms`` has the request timeout as its deadline."""
     left, eta = (e.deadline - e.now) * 1e3, (e.finish - e.now) * 1e3
     what = "the request cannot be answered within its deadline (deadline_ms, or the request timeout)"
     if left <= 0:
-        return ApiError(504, f"{what}: it passed before the request could be queued (reading and decoding it took "
-                        "longer)", "deadline_unreachable")
+        return DeadlineUnreachable(f"{what}: it passed before the request could be queued (reading and decoding it "
+                                   "took longer)")
     if e.impossible:
-        return ApiError(504, f"{what} even by an idle model: {left:.1f} ms left, one pass is predicted to take "
-                        f"{(e.idle_finish - e.now) * 1e3:.1f} ms; allow a longer deadline or a lower keep rate",
-                        "deadline_unreachable")
-    return ApiError(503, f"{what} under the current load: predicted to finish in {eta:.0f} ms ({queued} requests "
-                    f"queued), deadline in {left:.0f} ms; retry later, allow a longer deadline_ms, or use "
-                    "keep_rate=auto (or a lower min_keep_rate)", "deadline_unreachable",
-                    {"Retry-After": str(retry_after_s)})
+        return DeadlineUnreachable(f"{what} even by an idle model: {left:.1f} ms left, one pass is predicted to "
+                                   f"take {(e.idle_finish - e.now) * 1e3:.1f} ms; allow a longer deadline or a lower "
+                                   "keep rate")
+    return DeadlineUnreachable(f"{what} under the current load: predicted to finish in {eta:.0f} ms ({queued} "
+                               f"requests queued), deadline in {left:.0f} ms; retry later, allow a longer deadline_ms, "
+                               "or use keep_rate=auto (or a lower min_keep_rate)", retry_after_s)
 
 
 def insert_at(queue: Sequence[Job], priority: int) -> int:

@@ -23,9 +23,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from service.edge import ServiceDep, call_of
 from service.errors import ApiError
 from service.registry import HostedModel
-from service.runtime import Answer, Service, ServiceDep
+from service.runtime import Answer, Service
 from service.scheduler import PRIORITIES, Ask
 from service.schemas import (
     V2InferRequest,
@@ -239,11 +240,13 @@ def _split_binary(chunk: bytes) -> list[bytes]:
 
 async def _run(svc: Service, request: Request, hosted: HostedModel, keep_rate: float | None, top_k: int,
                images: list[bytes], ask: Ask) -> list[Answer]:
+    call = call_of(request)
+
     async def one(data: bytes) -> Answer:
         async def read() -> bytes:
             return data
 
-        return await svc.infer(request, hosted, keep_rate, top_k, False, read, ask)
+        return await svc.infer(call, hosted, keep_rate, top_k, False, read, ask)
 
     results = await asyncio.gather(*(one(img) for img in images), return_exceptions=True)
     for r in results:
