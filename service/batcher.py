@@ -26,21 +26,21 @@ import logging
 import math
 import time
 from collections import deque
-from dataclasses import replace
 
 import torch
 
 from service.exceptions import DeadlineUnreachable, InferenceFailed, OutOfMemory, Overloaded, QueueTimeout
+from service.job import Job, Priority
 from service.latency import LatencyModel
 from service.metrics import Metrics
-from service.modelqueue import ModelQueue, Pending, Ticket
+from service.modelqueue import ModelQueue, Ticket
 from service.policy import plan_passes
 from service.registry import HostedModel, Registry
-from service.scheduler import PRIORITIES, Job, Scheduler, Unreachable, refusal
+from service.scheduler import Scheduler, Unreachable, refusal
 from service.settings import Settings
-from service.worker import DeviceWorker, Sample, SampleResult
+from service.worker import DeviceWorker, SampleResult
 
-__all__ = ["Batcher", "ModelQueue", "Pending", "Ticket"]
+__all__ = ["Batcher", "ModelQueue", "Ticket"]
 
 log = logging.getLogger("service.batcher")
 
@@ -104,13 +104,13 @@ class Batcher:
         its share of the queue), or a refusal when ``job`` is already predicted to miss its deadline."""
         q = self.queues[model]
         limit = self.settings.queue_size
-        if PRIORITIES[job.priority] == "low":
+        if job.priority == Priority.LOW:
             limit = max(1, int(limit * self.settings.low_priority_queue_share))
         if q.admitted >= limit:
             which = "" if limit == self.settings.queue_size else " for low-priority requests"
             raise Overloaded(f"model {model} is overloaded{which} ({q.admitted} requests queued); retry later",
                              self.retry_after(q))
-        self._place(q, job, commit=False)  # refuse now rather than after reading and decoding the image
+        self._check(q, job)  # refuse now rather than after reading and decoding the image
         q.admitted += 1
         self.metrics.admitted.labels(model=model).set(q.admitted)
         return Ticket(q, self.metrics)
@@ -120,27 +120,33 @@ class Batcher:
         batches = math.ceil(q.admitted / self.settings.max_batch_size)
         return max(1, math.ceil(batches * q.pass_s))
 
-    def submit(self, ticket: Ticket, sample: Sample, job: Job) -> Pending:
-        """Queue ``sample`` in run order; ``job`` is placed by the scheduler, which sets its keep rate
-        (``auto``) or refuses it (deadline unreachable)."""
+    def submit(self, ticket: Ticket, job: Job) -> Job:
+        """Queue ``job`` (its image decoded into ``job.tensor``) in run order: the scheduler places it and sets
+        its keep rate (``auto``: chosen now) or refuses it (deadline unreachable)."""
         q = ticket.queue
-        index, job.rate = self._place(q, job)
-        sample = replace(sample, keep_rate=job.rate)
-        item = Pending(sample, asyncio.get_running_loop().create_future(), ticket, job)
-        q.arrived(item.enqueued)
-        q.items.insert(index, item)
-        self.metrics.queue_depth.labels(model=q.hosted.name).set(len(q.items))
-        q.wake.set()
-        return item
-
-    def _place(self, q: ModelQueue, job: Job, commit: bool = True) -> tuple[int, float]:
         now = time.monotonic()
         try:
-            return q.scheduler.place(job, q.jobs(), now, q.busy_until if q.running else now, commit)
+            index, job.rate = q.scheduler.place(job, q.jobs(), now, q.busy_until if q.running else now)
         except Unreachable as e:
-            self.metrics.deadline_refused.labels(model=q.hosted.name, priority=PRIORITIES[job.priority],
-                                                 stage="admission").inc()
-            raise refusal(e, len(q.items), self.retry_after(q)) from None
+            raise self._refused(q, job, e) from None
+        job.future, job.ticket, job.enqueued = asyncio.get_running_loop().create_future(), ticket, now
+        q.arrived(job.enqueued)
+        q.items.insert(index, job)
+        self.metrics.queue_depth.labels(model=q.hosted.name).set(len(q.items))
+        q.wake.set()
+        return job
+
+    def _check(self, q: ModelQueue, job: Job) -> None:
+        now = time.monotonic()
+        try:
+            q.scheduler.check(job, q.jobs(), now, q.busy_until if q.running else now)
+        except Unreachable as e:
+            raise self._refused(q, job, e) from None
+
+    def _refused(self, q: ModelQueue, job: Job, e: Unreachable) -> Exception:
+        self.metrics.deadline_refused.labels(model=q.hosted.name, priority=job.priority.label,
+                                             stage="admission").inc()
+        return refusal(e, len(q.items), self.retry_after(q))
 
     # -- batch formation (event loop) ----------------------------------------------------------------
     async def _form_batches(self, q: ModelQueue) -> None:
@@ -189,11 +195,11 @@ class Batcher:
         if not q.items:
             return
         now = time.monotonic()
-        live: deque[Pending] = deque()
+        live: deque[Job] = deque()
         for p in q.items:
             if p.future.done():
                 p.ticket.release()
-            elif p.job.deadline <= now:
+            elif p.deadline <= now:
                 p.future.set_exception(QueueTimeout("request timed out waiting in the queue"))
                 p.ticket.release()
             else:
@@ -202,7 +208,7 @@ class Batcher:
             q.items = live
             self.metrics.queue_depth.labels(model=q.hosted.name).set(len(live))
 
-    def _take(self, q: ModelQueue) -> tuple[list[Pending], float]:
+    def _take(self, q: ModelQueue) -> tuple[list[Job], float]:
         """The next batch (its auto keep rates lowered or members shed if it would end too late) and its
         predicted time (0 when the latency model knows nothing yet)."""
         n = min(len(q.items), self.settings.max_batch_size)
@@ -214,39 +220,34 @@ class Batcher:
             p.queue_s = now - p.enqueued
             self.metrics.queue_wait.labels(model=name).observe(p.queue_s)
         self.metrics.queue_depth.labels(model=name).set(len(q.items))
-        _, shed = q.scheduler.fit_batch([p.job for p in batch], now)
-        for job in shed:
-            p = next(p for p in batch if p.job is job)
-            batch.remove(p)
-            self.metrics.deadline_refused.labels(model=name, priority=PRIORITIES[job.priority], stage="batch").inc()
+        batch, shed = q.scheduler.fit_batch(batch, now)  # may lower auto members' rates
+        for p in shed:
+            self.metrics.deadline_refused.labels(model=name, priority=p.priority.label, stage="batch").inc()
             if not p.future.done():
                 p.future.set_exception(DeadlineUnreachable("deadline cannot be met: the request's batch would finish "
                                                            "after its deadline, so it was not run"))
         for p in batch:
-            if p.sample.keep_rate != p.job.rate:
-                p.sample = replace(p.sample, keep_rate=p.job.rate)
-            if p.job.auto:
-                self.metrics.auto_keep_rate.labels(model=name, priority=PRIORITIES[p.job.priority]).observe(
-                    p.job.rate)
-        rates = [p.job.rate for p in batch]
+            if p.auto:
+                self.metrics.auto_keep_rate.labels(model=name, priority=p.priority.label).observe(p.rate)
+        rates = [p.rate for p in batch]
         predicted = q.scheduler.batch_seconds(rates) if batch and q.latency.calibrated else 0.0
         return batch, predicted
 
     # -- on the device thread ------------------------------------------------------------------------
-    def _run(self, q: ModelQueue, batch: list[Pending], loop: asyncio.AbstractEventLoop) -> None:
+    def _run(self, q: ModelQueue, batch: list[Job], loop: asyncio.AbstractEventLoop) -> None:
         hosted = q.hosted
-        passes = plan_passes([p.sample.keep_rate for p in batch], hosted.gmacs, q.latency.cost,
+        passes = plan_passes([p.rate for p in batch], hosted.gmacs, q.latency.cost,
                              self.settings.batch_policy)
         for indices in passes:
             items = [batch[i] for i in indices if not batch[i].future.done()]  # clients gone since forming
             if items:
                 self._forward(q, items, loop)
 
-    def _forward(self, q: ModelQueue, items: list[Pending], loop: asyncio.AbstractEventLoop) -> None:
+    def _forward(self, q: ModelQueue, items: list[Job], loop: asyncio.AbstractEventLoop) -> None:
         """One pass; on out-of-memory, the two halves separately (recursively); failures answer only ``items``."""
         hosted = q.hosted
         try:
-            results = q.worker.forward(hosted, [p.sample for p in items])
+            results = q.worker.forward(hosted, items)
         except torch.cuda.OutOfMemoryError:
             results = None  # retried below, once the exception (and the pass's tensors it holds) is gone
         except Exception as e:
@@ -254,7 +255,7 @@ class Batcher:
             loop.call_soon_threadsafe(self._fail, items, e)
             return
         if results is not None:
-            rates = [p.sample.keep_rate for p in items]
+            rates = [p.rate for p in items]
             loop.call_soon_threadsafe(q.record, rates, results, self.metrics)
             loop.call_soon_threadsafe(self._resolve, items, results)
             loop.call_soon_threadsafe(q.learn, rates, results[0].inference_s, self.metrics)
@@ -271,13 +272,13 @@ class Batcher:
         self._forward(q, items[half:], loop)
 
     @staticmethod
-    def _resolve(items: list[Pending], results: list[SampleResult]) -> None:
+    def _resolve(items: list[Job], results: list[SampleResult]) -> None:
         for p, r in zip(items, results, strict=True):
             if not p.future.done():
                 p.future.set_result(r)
 
     @staticmethod
-    def _fail(items: list[Pending], error: Exception) -> None:
+    def _fail(items: list[Job], error: Exception) -> None:
         for p in items:
             if p.future.done():
                 continue

@@ -12,13 +12,13 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from service.batcher import Batcher, Pending
+from service.batcher import Batcher
 from service.exceptions import ClientGone, Draining, InvalidRequest, NotReady, QueueTimeout
+from service.job import Ask, Job
 from service.metrics import Metrics
 from service.registry import HostedModel, Registry, load_registry
-from service.scheduler import PRIORITIES, Ask, Job
 from service.settings import Settings
-from service.worker import Sample, SampleResult
+from service.worker import SampleResult
 
 log = logging.getLogger("service.runtime")
 
@@ -36,11 +36,18 @@ class Call:
 @dataclass(frozen=True)
 class Answer:
     model: HostedModel
-    keep_rate: float
+    job: Job  # the request as it ran: its keep rate, its time in the queue
     result: SampleResult
     decode_s: float
-    queue_s: float
     total_s: float
+
+    @property
+    def keep_rate(self) -> float:
+        return self.job.rate
+
+    @property
+    def queue_s(self) -> float:
+        return self.job.queue_s
 
 
 class Service:
@@ -126,7 +133,7 @@ class Service:
         ``keep_rate`` is the rate the request ran at."""
         ask = ask or Ask()
         rate = hosted.runner.snap(hosted.default_keep_rate if keep_rate is None else keep_rate)
-        call.log.update(model=hosted.name, keep_rate="auto" if ask.auto else rate, priority=ask.priority,
+        call.log.update(model=hosted.name, keep_rate="auto" if ask.auto else rate, priority=ask.priority.label,
                         deadline_ms=ask.deadline_ms)
         call.label(hosted.name, None if ask.auto else rate)
         if top_k > hosted.num_classes:
@@ -135,25 +142,24 @@ class Service:
         assert self.batcher is not None
         started = call.started
         job = self._job(ask, rate, started)
+        job.top_k, job.want_kept = top_k, want_kept
         with self.batcher.admit(hosted.name, job) as ticket:
             data = await read()
             t0 = time.monotonic()
             loop = asyncio.get_running_loop()
             try:
-                tensor = await loop.run_in_executor(self.decode_pool, hosted.preprocess, data)
+                job.tensor = await loop.run_in_executor(self.decode_pool, hosted.preprocess, data)
             finally:
                 decode_s = time.monotonic() - t0
                 self.metrics.decode_duration.labels(model=hosted.name).observe(decode_s)
             if t0 + decode_s >= job.deadline:
                 raise QueueTimeout("request timed out (deadline or request timeout) before it could be queued")
-            item = self.batcher.submit(ticket, Sample(tensor, rate, top_k, want_kept), job)
-            result = await self._wait(call.gone, item)
+            result = await self._wait(call.gone, self.batcher.submit(ticket, job))
         total = time.monotonic() - started
-        used = item.sample.keep_rate
-        call.label(hosted.name, used)
-        call.log.update(keep_rate=used, batch_size=result.batch_size, queue_ms=round(item.queue_s * 1000, 3),
-                                 inference_ms=round(result.inference_s * 1000, 3))
-        return Answer(hosted, used, result, decode_s, item.queue_s, total)
+        call.label(hosted.name, job.rate)
+        call.log.update(keep_rate=job.rate, batch_size=result.batch_size, queue_ms=round(job.queue_s * 1000, 3),
+                        inference_ms=round(result.inference_s * 1000, 3))
+        return Answer(hosted, job, result, decode_s, total)
 
     def _job(self, ask: Ask, rate: float, started: float) -> Job:
         """The scheduler's view of a request that arrived at ``started``."""
@@ -165,13 +171,13 @@ class Service:
         if ask.auto:
             target = deadline if ask.deadline_ms is not None else started + s.latency_target_ms / 1e3
         floor = ask.min_keep_rate or s.auto_min_keep_rate
-        return Job(rate, deadline, PRIORITIES.index(ask.priority), ask.auto, floor if ask.auto else rate, target,
-                   started)
+        return Job(rate, deadline, ask.priority, ask.auto, floor if ask.auto else rate, target, started)
 
-    async def _wait(self, gone: Callable[[], Awaitable[None]], item: Pending) -> SampleResult:
+    async def _wait(self, gone: Callable[[], Awaitable[None]], item: Job) -> SampleResult:
+        assert item.future is not None  # set by submit
         watcher = asyncio.ensure_future(gone())
         try:
-            timeout = max(item.job.deadline - time.monotonic(), 0.0)
+            timeout = max(item.deadline - time.monotonic(), 0.0)
             done, _ = await asyncio.wait({item.future, watcher}, timeout=timeout,
                                          return_when=asyncio.FIRST_COMPLETED)
             if item.future.done():

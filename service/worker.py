@@ -6,6 +6,7 @@ top-k probabilities, tokens and kept patches per sample. It knows tensors, never
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -13,16 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from service.job import Job
 from service.policy import PassCost
 from service.registry import HostedModel
-
-
-@dataclass(frozen=True)
-class Sample:
-    tensor: torch.Tensor  # C, H, W (float32, from the preprocessor)
-    keep_rate: float
-    top_k: int
-    want_kept: bool
 
 
 @dataclass(frozen=True)
@@ -42,12 +36,12 @@ class DeviceWorker:
         self.device = device
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"evit-{device}")
 
-    def forward(self, hosted: HostedModel, samples: Sequence[Sample]) -> list[SampleResult]:
+    def forward(self, hosted: HostedModel, samples: Sequence[Job]) -> list[SampleResult]:
         """One forward pass over ``samples`` (their keep rates may differ). Runs on this worker's thread."""
         start = time.perf_counter()
         want_kept = any(s.want_kept for s in samples)
         k = min(max(s.top_k for s in samples), hosted.num_classes)
-        out = hosted.runner.forward([s.tensor for s in samples], [s.keep_rate for s in samples], want_kept)
+        out = hosted.runner.forward([s.tensor for s in samples], [s.rate for s in samples], want_kept)
         top = out.logits.softmax(dim=-1).topk(k, dim=-1)
         probs, classes = top.values, top.indices  # B, k
         seconds = time.perf_counter() - start
@@ -68,7 +62,7 @@ class DeviceWorker:
         image = torch.randn(hosted.runner.info.input_size, generator=generator)
 
         def timed(n: int, rates: Sequence[float]) -> float:
-            samples = [Sample(image, rates[i % len(rates)], 1, False) for i in range(n)]
+            samples = [Job(rates[i % len(rates)], math.inf, tensor=image) for i in range(n)]
             best = float("inf")
             for _ in range(repeats):
                 t = time.perf_counter()
