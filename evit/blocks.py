@@ -28,7 +28,7 @@ from evit.reorganize import (
 )
 
 if TYPE_CHECKING:
-    from evit.patch import EViTConfig
+    from evit.config import EViTConfig
 
 
 @dataclass

@@ -10,56 +10,24 @@ runs them on packed tokens.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from evit.blocks import Packed, Tracker, group_views, run_block
+from evit.config import FUSE_INTO, FUSE_WEIGHTS, RANKINGS, EViTConfig, Schedule, check_keep_rate
 from evit.cost import Cost, CostSpec, model_cost, rate_tokens
-from evit.reorganize import Side, check_choice, plan_groups
-from evit.schedule import Plan, Schedule, block_rates, default_prune_blocks, plan_for_gmacs, preset
+from evit.reorganize import Side, plan_groups
+from evit.schedule import Plan, block_rates, default_prune_blocks, plan_for_gmacs, preset
 
 KeepRate = float | Sequence[float] | torch.Tensor | None
 
-__all__ = ["EViTConfig", "EViTMixin", "EViTOutput", "apply_patch", "default_prune_blocks", "resolve_keep_rates"]
+__all__ = ["FUSE_INTO", "FUSE_WEIGHTS", "RANKINGS", "EViTConfig", "EViTMixin", "EViTOutput", "apply_patch",
+           "default_prune_blocks", "resolve_keep_rates"]
 
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 _ATTN_PARTS = ("qkv", "q_norm", "k_norm", "proj", "num_heads", "head_dim", "scale")
-
-
-FUSE_WEIGHTS = ("attention", "mean")
-FUSE_INTO = ("one", "nearest")
-RANKINGS = ("block", "cumulative")
-
-
-@dataclass(frozen=True)
-class EViTConfig:
-    """Everything that decides what an EViT forward does besides the weights; defaults are the paper's rule."""
-
-    prune_blocks: tuple[int, ...]  # 0-based indices into model.blocks (DeiT-S: 3, 6, 9)
-    fuse: bool = True  # fuse inattentive tokens into one (False: drop them, the paper's ablation)
-    keep_rate: float = 1.0  # default keep rate when a call gives none
-    fuse_weight: str = "attention"  # "attention": sum weighted by class attention (official); "mean": weighted mean
-    fuse_into: str = "one"  # "one": one extra token (official); "nearest": each into its most similar kept token
-    size_attn: bool = False  # proportional attention: log(patches a token stands for) added to its logits
-    ranking: str = "block"  # "block": the pruning block's class attention; "cumulative": summed since block 0
-    schedule: Schedule = field(default_factory=Schedule)  # how a keep rate is split over prune_blocks
-
-    def __post_init__(self) -> None:
-        for name, choices in (("fuse_weight", FUSE_WEIGHTS), ("fuse_into", FUSE_INTO), ("ranking", RANKINGS)):
-            check_choice(name, getattr(self, name), choices)
-        weights = self.schedule.weights
-        if weights is not None and (len(weights) != len(self.prune_blocks) or any(w < 0 for w in weights)):
-            raise ValueError(
-                f"schedule weights {weights} must be one non-negative number per pruning block {self.prune_blocks}"
-            )
-
-
-    @property
-    def fusion(self) -> str:
-        """What becomes of the tokens not kept (``evit.reorganize.FUSIONS``): "one", "nearest" or "drop"."""
-        return self.fuse_into if self.fuse else "drop"
 
 
 @dataclass
@@ -83,10 +51,7 @@ def resolve_keep_rates(keep_rate: KeepRate, batch_size: int, default: float) -> 
                 f"({batch_size}), got shape {tuple(t.shape)}"
             )
         rates = t.tolist()
-    bad = [r for r in rates if not (0.0 < r <= 1.0)]  # NaN fails too
-    if bad:
-        raise ValueError(f"keep_rate must be in (0, 1], got {bad[0]}")
-    return rates
+    return [check_keep_rate(r) for r in rates]
 
 
 class EViTMixin:

@@ -20,13 +20,13 @@ Token-wise layers run on the packed tensor; attention runs once per group (per d
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from evit.config import FUSIONS, check_choice, check_fusion, extra_token, keep_count
 from evit.merge import merge_nearest
 
 __all__ = [
@@ -48,36 +48,6 @@ __all__ = [
 ]
 
 StageRates = dict[float, float] | None  # requested keep rate -> this block's keep rate (None: the same)
-
-# What becomes of the tokens a pruning block does not keep: "one" extra token (the paper), merged into their
-# "nearest" kept token, or "drop"ped. Only "one" adds a token.
-FUSIONS = ("one", "nearest", "drop")
-
-
-def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
-    """``value`` if it is one of ``choices``, else a ValueError naming the option."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value
-
-
-def check_fusion(fusion: str) -> str:
-    return check_choice("fusion", fusion, FUSIONS)
-
-
-def extra_token(fusion: str, kept: int, n: int) -> int:
-    """1 if the reorganization of ``n`` tokens keeping ``kept`` adds a fused token, else 0."""
-    return 1 if check_fusion(fusion) == "one" and kept < n else 0
-
-
-def keep_count(keep_rate: float, n: int) -> int:
-    """Tokens kept out of ``n``: ``ceil(keep_rate * n)``, at least 1.
-
-    Rounded to 9 decimals first so that float noise (``0.7 * 10 = 7.000000000000001``) cannot keep an
-    extra token; for the paper's 196-patch models this equals the official ``math.ceil``.
-    """
-    return max(1, min(n, math.ceil(round(keep_rate * n, 9))))
-
 
 @dataclass(frozen=True)
 class Group:
