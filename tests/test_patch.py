@@ -173,9 +173,9 @@ def test_forward_intermediates_refuses_to_run_unpruned():
     ref, model = tiny_pair(keep_rate=0.7)
     x = images(2)
     with torch.inference_mode():
-        with pytest.raises(NotImplementedError, match="keep rate 0.7 prunes"):
+        with pytest.raises(NotImplementedError, match=r"keep rate 0\.7 prunes"):
             model.forward_intermediates(x)  # the default keep rate prunes: never silently unpruned
-        with pytest.raises(NotImplementedError, match="keep rate 0.5 prunes"):
+        with pytest.raises(NotImplementedError, match=r"keep rate 0\.5 prunes"):
             model.forward_intermediates(x, keep_rate=[1.0, 0.5])
         got = model.forward_intermediates(x, keep_rate=1.0, indices=2)
         expected = ref.forward_intermediates(x, indices=2)
