@@ -8,7 +8,6 @@ Middleware, outermost first: request id + access log, bearer-token auth (when to
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Literal
@@ -17,6 +16,7 @@ from fastapi import APIRouter, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BeforeValidator, Field
 
+from evit.config import check_keep_rate
 from service import v2
 from service.auth import protect
 from service.edge import ServiceDep, call_of, count_request
@@ -49,18 +49,17 @@ def _keep_rate(value: object) -> object:
     if value is None or value == "auto":
         return value
     try:
-        rate = float(value)  # type: ignore[arg-type]
+        return check_keep_rate(float(value))  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        rate = math.nan
-    if not 0.0 < rate <= 1.0:  # NaN fails too
-        raise ValueError(f"must be a number in (0, 1] or 'auto', got {value!r}")
-    return rate
+        raise ValueError(f"must be a number in (0, 1] or 'auto', got {value!r}") from None
 
 
 KeepRate = Annotated[
     Annotated[float, Field(gt=0.0, le=1.0)] | Literal["auto"] | None,
     BeforeValidator(_keep_rate),
-    Query(description="fraction of patch tokens kept at each pruning block, in (0, 1]; `auto`: the highest "
+    Query(description="keep rate in (0, 1]: with the paper's options the fraction of patch tokens each pruning "
+          "block keeps; with `--options accurate` a cost: the GMACs the paper's rule spends at that rate, spread "
+          "over more, smaller prunings (`/models` lists GMACs per rate). `auto`: the highest "
           "rate the latency model predicts will meet the deadline (without one: the service's latency target) "
           "under the current load, at least `min_keep_rate`; omitted: the model's default. The answer's "
           "`keep_rate` is the rate used."),
