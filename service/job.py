@@ -7,12 +7,16 @@ import asyncio
 import math
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     import torch
 
-    from service.modelqueue import Ticket
+
+class Slot(Protocol):
+    """An admission slot (``service.modelqueue.Ticket``): released when the job's batch is formed."""
+
+    def release(self) -> None: ...
 
 
 class Priority(IntEnum):
@@ -65,7 +69,7 @@ class Job:
     top_k: int = 1
     want_kept: bool = False
     future: asyncio.Future[Any] | None = None  # its SampleResult, or the core exception that ended it
-    ticket: Ticket | None = None  # its admission slot
+    ticket: Slot | None = None  # its admission slot
     enqueued: float = 0.0  # when it joined the queue (decoded)
     queue_s: float = 0.0  # time from enqueued to its batch being formed
 
