@@ -19,7 +19,7 @@ from concurrent.futures import Future as ThreadFuture
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from service.errors import ApiError
+from service.exceptions import QueueTimeout
 
 log = logging.getLogger("service.decode")
 T = TypeVar("T")
@@ -40,16 +40,16 @@ class DecodePool:
         await self._acquire(deadline)
         if time.monotonic() >= deadline:  # nothing is started for a request already out of time
             self._release()
-            raise ApiError(504, "the request's deadline or the request timeout passed before its image could be "
-                           "decoded", "timeout")
+            raise QueueTimeout("the request's deadline or the request timeout passed before its image could be "
+                           "decoded")
         future = self.executor.submit(fn, data)
         result = asyncio.wrap_future(future)
         result.add_done_callback(_retrieve)
         try:
             return await asyncio.wait_for(asyncio.shield(result), max(deadline - time.monotonic(), 0.0))
         except TimeoutError:
-            raise ApiError(504, "the image could not be decoded within the request's deadline or the request "
-                           "timeout", "timeout") from None
+            raise QueueTimeout("the image could not be decoded within the request's deadline or the request "
+                           "timeout") from None
         finally:
             if future.done():
                 self._release()
@@ -71,8 +71,8 @@ class DecodePool:
                 waiter.cancel()
                 self._waiters.remove(waiter)
             if isinstance(e, TimeoutError):
-                raise ApiError(504, "no decode thread became free within the request's deadline or the "
-                               "request timeout", "timeout") from None
+                raise QueueTimeout("no decode thread became free within the request's deadline or the "
+                               "request timeout") from None
             raise
 
     def _release(self) -> None:

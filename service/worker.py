@@ -1,8 +1,7 @@
 """The tensor side of batching: one thread per device runs forward passes for every model placed on it.
 
-It stages a pass's inputs (on CUDA: into a reused pinned buffer, then a non-blocking copy, in float16),
-runs ``forward_with_info`` with one keep rate per sample, and returns top-k probabilities, tokens and
-kept patches per sample. It knows tensors, never queues or HTTP.
+It hands a pass's images and per-sample keep rates to the model's runner (``service.runners``) and returns
+top-k probabilities, tokens and kept patches per sample. It knows tensors, never queues or HTTP.
 """
 
 from __future__ import annotations
@@ -15,17 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from service.metrics import Metrics, rate_label
+from service.job import Job
 from service.policy import PassCost
 from service.registry import HostedModel
-
-
-@dataclass(frozen=True)
-class Sample:
-    tensor: torch.Tensor  # 3, H, W (float32, from the preprocessor)
-    keep_rate: float
-    top_k: int
-    want_kept: bool
 
 
 @dataclass(frozen=True)
@@ -45,73 +36,41 @@ class WarmupError(RuntimeError):
 class DeviceWorker:
     """The single thread that runs every forward pass on one device, in submission order."""
 
-    def __init__(self, device: torch.device, metrics: Metrics | None) -> None:
+    def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.metrics = metrics
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"evit-{device}")
-        self._pinned: dict[str, torch.Tensor] = {}  # per model: max-batch staging buffer in pinned memory
 
-    def _stage(self, hosted: HostedModel, samples: Sequence[Sample]) -> torch.Tensor:
-        """B, 3, H, W on the model's device and dtype."""
-        tensors = [s.tensor for s in samples]
-        if self.device.type != "cuda":
-            return torch.stack(tensors).to(hosted.dtype)
-        buf = self._pinned.get(hosted.name)
-        if buf is None or buf.shape[0] < len(tensors):
-            buf = torch.empty((len(tensors), *tensors[0].shape), pin_memory=True)
-            self._pinned[hosted.name] = buf
-        staged = torch.stack(tensors, out=buf[: len(tensors)])
-        # Safe to reuse the buffer next pass: the results' .cpu() below waits for this copy to finish.
-        return staged.to(self.device, non_blocking=True).to(hosted.dtype)
-
-    def forward(self, hosted: HostedModel, samples: Sequence[Sample], record: bool = True) -> list[SampleResult]:
+    def forward(self, hosted: HostedModel, samples: Sequence[Job]) -> list[SampleResult]:
         """One forward pass over ``samples`` (their keep rates may differ). Runs on this worker's thread."""
         start = time.perf_counter()
         want_kept = any(s.want_kept for s in samples)
         k = min(max(s.top_k for s in samples), hosted.num_classes)
-        with torch.inference_mode():
-            x = self._stage(hosted, samples)
-            out = hosted.model.forward_with_info(x, keep_rate=[s.keep_rate for s in samples], return_kept=want_kept)
-            top = out.logits.float().softmax(dim=-1).topk(k, dim=-1)
-            probs, classes = top.values.cpu(), top.indices.cpu()  # B, k
-            tokens = out.tokens.cpu()  # B
-            kept = [stage.cpu() for stage in out.kept] if want_kept and out.kept else None  # stages of B, P
+        out = hosted.runner.forward([s.tensor for s in samples], [s.rate for s in samples], want_kept)
+        top = out.logits.softmax(dim=-1).topk(k, dim=-1)
+        probs, classes = top.values, top.indices  # B, k
         seconds = time.perf_counter() - start
         n = len(samples)
         results = []
         for i, s in enumerate(samples):
-            stages = [stage[i].nonzero().flatten().tolist() for stage in kept] if kept and s.want_kept else None
             results.append(SampleResult(
                 classes=classes[i, : s.top_k].tolist(), probabilities=probs[i, : s.top_k].tolist(),
-                tokens=int(tokens[i]), kept=stages, inference_s=seconds, batch_size=n,
+                tokens=out.tokens[i], kept=out.kept[i] if out.kept and s.want_kept else None,
+                inference_s=seconds, batch_size=n,
             ))
-        if record and self.metrics is not None:
-            self._record(hosted.name, samples, results, seconds)
         return results
-
-    def _record(self, model: str, samples: Sequence[Sample], results: list[SampleResult], seconds: float) -> None:
-        m = self.metrics
-        assert m is not None
-        m.batch_size.labels(model=model).observe(len(samples))
-        m.batch_inference.labels(model=model).observe(seconds)
-        per_rate: dict[str, int] = {}
-        for s, r in zip(samples, results, strict=True):
-            label = rate_label(s.keep_rate)
-            per_rate[label] = per_rate.get(label, 0) + r.tokens
-        for label, tokens in per_rate.items():
-            m.tokens.labels(model=model, keep_rate=label).inc(tokens)
 
     def warm_up(self, hosted: HostedModel, batch: int, repeats: int = 3) -> PassCost | None:
         """Run the first passes (allocations, kernel selection) and fit the pass cost (see ``policy``)."""
+        hosted.runner.warm_up()
         generator = torch.Generator().manual_seed(0)
-        image = torch.randn(hosted.data_config["input_size"], generator=generator)
+        image = torch.randn(hosted.runner.info.input_size, generator=generator)
 
         def timed(n: int, rates: Sequence[float]) -> float:
-            samples = [Sample(image, rates[i % len(rates)], 1, False) for i in range(n)]
+            samples = [Job(rates[i % len(rates)], math.inf, tensor=image) for i in range(n)]
             best = float("inf")
             for _ in range(repeats):
                 t = time.perf_counter()
-                results = self.forward(hosted, samples, record=False)
+                results = self.forward(hosted, samples)
                 best = min(best, time.perf_counter() - t)
             _check_finite(hosted, samples, results)
             return best
@@ -132,13 +91,14 @@ class DeviceWorker:
         self.executor.shutdown(wait=True, cancel_futures=True)
 
 
-def _check_finite(hosted: HostedModel, samples: Sequence[Sample], results: Sequence[SampleResult]) -> None:
+def _check_finite(hosted: HostedModel, samples: Sequence[Job], results: Sequence[SampleResult]) -> None:
     """The top probability is NaN when any logit of its row is NaN or +inf (softmax spreads it; a -inf
     logit is just a probability of 0)."""
-    bad = sorted({s.keep_rate for s, r in zip(samples, results, strict=True)
+    bad = sorted({s.rate for s, r in zip(samples, results, strict=True)
                   if not all(math.isfinite(p) for p in r.probabilities)})
     if bad:
         raise WarmupError(
-            f"model {hosted.name} gives non-finite outputs (NaN or inf) at keep rates {bad} in {hosted.dtype}: "
+            f"model {hosted.name} gives non-finite outputs (NaN or inf) at keep rates {bad} in "
+            f"{hosted.runner.info.precision}: "
             "its weights are broken (e.g. a checkpoint holding NaN or huge values) or overflow in this dtype; "
             "refusing to become ready")
