@@ -1,16 +1,20 @@
 """``evit-serve`` / ``python -m service``: settings from env and flags, load the models, run uvicorn.
 
 SIGTERM drains: readiness goes false and new requests get 503 at once, admitted requests are answered,
-then the server exits (status 0). A second SIGTERM, or SIGINT, falls back to uvicorn's own shutdown.
+idle keep-alive connections are closed and busy ones close after their answer (``Connection: close``),
+then the server exits (status 0) within ``drain_timeout_s`` + 0.5 s. A second SIGTERM, or SIGINT, falls
+back to uvicorn's own shutdown. Connections are guarded by ``service.transport`` (headers, open connections).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 import socket
 import sys
+import time
 from types import FrameType
 
 import uvicorn
@@ -20,7 +24,8 @@ from service.app import create_app
 from service.logs import configure_logging
 from service.registry import ModelLoadError, load_registry
 from service.runtime import Service
-from service.settings import parse_settings
+from service.settings import Settings, parse_settings
+from service.transport import Guard
 
 log = logging.getLogger("service.main")
 
@@ -28,9 +33,10 @@ log = logging.getLogger("service.main")
 class DrainingServer(uvicorn.Server):
     """uvicorn's server, with SIGTERM starting the service's drain before the listener closes."""
 
-    def __init__(self, config: uvicorn.Config, service: Service) -> None:
+    def __init__(self, config: uvicorn.Config, service: Service, guard: Guard | None = None) -> None:
         super().__init__(config)
         self.service = service
+        self.guard = guard
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -44,8 +50,30 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
     def _drain_then_exit(self) -> None:
+        exit_by = time.monotonic() + self.service.settings.drain_timeout_s + 0.5
+        if self.guard is not None:
+            self.guard.drain(self.server_state.connections)
         task = self.service.begin_drain()
-        task.add_done_callback(lambda _: setattr(self, "should_exit", True))
+
+        def exit_now(_: object) -> None:  # uvicorn's graceful wait gets what is left of the drain timeout
+            self.config.timeout_graceful_shutdown = max(exit_by - time.monotonic(), 0.1)  # type: ignore[assignment]
+            self.should_exit = True
+
+        task.add_done_callback(exit_now)
+
+
+def guard_of(settings: Settings) -> Guard:
+    """The connection guard, with RLIMIT_NOFILE raised (within the hard limit) to fit its connection cap."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = settings.max_connections + 256  # model files, decode threads, the listener
+    if soft != resource.RLIM_INFINITY and soft < need:
+        soft = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    cap = settings.max_connections if soft == resource.RLIM_INFINITY else min(settings.max_connections, soft - 256)
+    if cap < settings.max_connections:
+        log.warning("max_connections lowered to %d to fit the open-file limit %d", cap, soft)
+    return Guard(max(cap, 1), settings.header_timeout_s, settings.max_header_bytes, settings.max_headers,
+                 settings.body_timeout_s, max(4 * settings.max_body_bytes, 64 * 2**20))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,11 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evit-serve: {e}", file=sys.stderr)
         return 2
     app = create_app(settings, registry)
+    guard = guard_of(settings)
     config = uvicorn.Config(
         app, host=settings.host, port=settings.port, log_config=None, access_log=False,
-        timeout_graceful_shutdown=settings.drain_timeout_s + 5, lifespan="on",
+        timeout_graceful_shutdown=settings.drain_timeout_s + 5, lifespan="on", http=guard.protocol(),
     )
-    DrainingServer(config, app.state.service).run()
+    DrainingServer(config, app.state.service, guard).run()
     return 0
 
 

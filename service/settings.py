@@ -103,6 +103,13 @@ class Settings(BaseSettings):
     docs_path: str = "/docs"  # "" turns /docs, /redoc and /openapi.json off
     body_timeout_s: float = Field(15.0, gt=0.0, allow_inf_nan=False)  # slower bodies get 408
 
+    # connections and uploads (see service/transport.py, service/upload.py)
+    max_connections: int = Field(1000, ge=1)  # open connections; beyond: evict one waiting for headers, or 503
+    header_timeout_s: float = Field(10.0, gt=0.0, allow_inf_nan=False)  # headers later than this: closed
+    max_header_bytes: int = Field(32768, ge=1024)  # request line + headers; more: 431
+    max_headers: int = Field(100, ge=1)  # header fields; more: 431
+    upload_budget_bytes: int = Field(256 * 2**20, ge=1)  # request bodies being received at once; more: 503
+
     # server
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -216,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-image-pixels", type=int)
     add("--drain-timeout-s", type=float)
     add("--body-timeout-s", type=float, help="requests whose body has not arrived by then get 408 (slow uploads)")
+    add("--max-connections", type=int, help="open connections at most; beyond it idle ones are closed, or 503")
+    add("--header-timeout-s", type=float, help="requests whose headers have not arrived by then are closed")
+    add("--upload-budget-bytes", type=int, help="request bodies being received at once, in bytes; more get 503")
     add("--api-tokens-file", type=Path, metavar="PATH",
         help="bearer tokens (one a line) required on every route but health, metrics and docs; "
         "or EVIT_API_TOKENS=a,b")
