@@ -108,7 +108,7 @@ async def classify(
     ask = Ask.of(keep_rate, min_keep_rate, (deadline_ms, x_deadline_ms), priority)
     answer = await svc.infer(
         request, hosted, None if keep_rate == "auto" else keep_rate, top_k, return_tokens,
-        lambda: read_image_bytes(request, svc.settings.max_body_bytes), ask,
+        lambda: read_image_bytes(request, svc.settings.max_body_bytes, svc.uploads), ask,
     )
     return classify_response(answer)
 

@@ -1,7 +1,8 @@
 """Dynamic batching: one queue per model, batches formed on the event loop, run on the device's one thread.
 
-A request is *admitted* first (a slot in the model's bounded queue, taken before its image is decoded,
-so overload is refused cheaply with 503 + Retry-After), then *submitted* with its decoded tensor. A
+A request is *checked* before its body is read (a full queue or an unreachable deadline is refused cheaply
+with 503 + Retry-After), *admitted* once its body is complete (a slot in the model's bounded queue, taken
+before its image is decoded, so slow uploads hold no slot), then *submitted* with its decoded tensor. A
 model's batch former takes a batch when it holds ``max_batch_size`` requests or its oldest request has
 waited ``max_wait``, and only while the model has no pass in flight: under load, requests that arrive
 during a pass form the next batch, so batches grow with load. When requests arrive further apart than
@@ -97,9 +98,14 @@ class Batcher:
             await asyncio.to_thread(worker.close)
 
     # -- requests ------------------------------------------------------------------------------------
-    def admit(self, model: str, job: Job) -> Ticket:
-        """A slot in ``model``'s queue, or 503 with Retry-After when the queue is full (for low priority:
-        its share of the queue), or a refusal when ``job`` is already predicted to miss its deadline."""
+    def check(self, model: str, job: Job) -> None:
+        """Refuse now, before the body is read: 503 with Retry-After when ``model``'s queue is full (for low
+        priority: its share of the queue), or a refusal when ``job`` is already predicted to miss its deadline."""
+        q = self.room(model, job)
+        self._place(q, job, commit=False)
+
+    def room(self, model: str, job: Job) -> ModelQueue:
+        """``model``'s queue if it has room for ``job``; else 503 with Retry-After."""
         q = self.queues[model]
         limit = self.settings.queue_size
         if PRIORITIES[job.priority] == "low":
@@ -108,7 +114,12 @@ class Batcher:
             which = "" if limit == self.settings.queue_size else " for low-priority requests"
             raise ApiError(503, f"model {model} is overloaded{which} ({q.admitted} requests queued); retry later",
                            "overloaded", {"Retry-After": str(self.retry_after(q))})
-        self._place(q, job, commit=False)  # refuse now rather than after reading and decoding the image
+        return q
+
+    def admit(self, model: str, job: Job) -> Ticket:
+        """A slot in ``model``'s queue (taken once the body is complete, so slow uploads hold none), or 503
+        with Retry-After when the queue is full (see :meth:`check`)."""
+        q = self.room(model, job)
         q.admitted += 1
         self.metrics.admitted.labels(model=model).set(q.admitted)
         return Ticket(q, self.metrics)

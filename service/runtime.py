@@ -24,6 +24,7 @@ from service.metrics import NO_MODEL, Metrics
 from service.registry import HostedModel, Registry, load_registry
 from service.scheduler import PRIORITIES, Ask, Job
 from service.settings import Settings
+from service.upload import UploadBudget
 from service.worker import Sample, SampleResult
 
 log = logging.getLogger("service.runtime")
@@ -49,6 +50,7 @@ class Service:
         self.batcher: Batcher | None = None
         threads = settings.decode_threads or min(4, os.cpu_count() or 1)
         self.decode_pool = ThreadPoolExecutor(threads, thread_name_prefix="evit-decode")
+        self.uploads = UploadBudget(settings.upload_budget_bytes)
         self.warmed = False
         self.draining = False
         self._drain_task: asyncio.Task[bool] | None = None
@@ -102,6 +104,12 @@ class Service:
             await self.batcher.stop()
         self.decode_pool.shutdown(wait=False, cancel_futures=True)
 
+    def check_room(self, hosted: HostedModel) -> None:
+        """503 before a body is read when the service is not accepting or ``hosted``'s queue is full."""
+        self.check_accepting()
+        assert self.batcher is not None
+        self.batcher.room(hosted.name, Job(hosted.default_keep_rate, math.inf))
+
     def check_accepting(self) -> None:
         if self.draining:
             raise ApiError(503, "the service is shutting down", "draining", {"Retry-After": "1"})
@@ -135,8 +143,10 @@ class Service:
         assert self.batcher is not None
         started: float = request.state.started
         job = self._job(ask, rate, started)
-        with self.batcher.admit(hosted.name, job) as ticket:
-            data = await read()
+        self.batcher.check(hosted.name, job)  # refused before the body is read
+        data = await read()
+        self.check_accepting()
+        with self.batcher.admit(hosted.name, job) as ticket:  # the slot is taken once the body is complete
             t0 = time.monotonic()
             loop = asyncio.get_running_loop()
             try:
