@@ -2,7 +2,8 @@
 
 Lifespan: load the models (unless a loaded registry is given), start the batchers, warm up in the
 background (``/readyz`` is 503 until done); on shutdown drain (admitted requests finish), then stop.
-Middleware, outermost first: request id + access log, bearer-token auth (when tokens are set), body timeout.
+Middleware, outermost first: request id + access log, bearer-token auth (when tokens are set), shedding
+(``service.shed``), body timeout.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from service.schemas import (
     error_responses,
 )
 from service.settings import Settings
+from service.shed import Shedder
 from service.upload import REQUEST_BODY_DOC, BodyTimeout, read_image_bytes
 
 router = APIRouter()
@@ -201,6 +203,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         app.add_api_route(settings.metrics_path, metrics, methods=["GET"], tags=["service"],
                           summary="Prometheus metrics", responses={200: {"content": {CONTENT_TYPE: {}}}})
     app.add_middleware(BodyTimeout, seconds=settings.body_timeout_s)
+    app.add_middleware(Shedder, service=service)  # inside auth and the request log: see service.shed
     if settings.api_tokens:
         protect(app, [t.get_secret_value() for t in settings.api_tokens], settings.metrics_path)
     app.add_middleware(RequestLogMiddleware, on_done=service.count_request)

@@ -29,7 +29,7 @@ from service.worker import Sample, SampleResult
 
 log = logging.getLogger("service.runtime")
 
-_V2_INFER = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]+)?/infer$")
+V2_INFER = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]+)?/infer$")
 
 
 @dataclass(frozen=True)
@@ -198,13 +198,13 @@ class Service:
     # -- request metrics (called by the logging middleware once per response) ------------------------
     def count_request(self, scope: Scope, status: int, seconds: float) -> None:
         path = scope["path"]
-        name_in_path = _V2_INFER.match(path)
+        name_in_path = V2_INFER.match(path)
         if path != "/classify" and name_in_path is None:
             return
         state = scope.get("state", {})
         labels = state.get("metric_labels")
         if labels is None:  # refused before the route ran (422): label with the model it named, if hosted
-            named = name_in_path.group(1) if name_in_path else _query_param(scope, "model")
+            named = name_in_path.group(1) if name_in_path else query_param(scope, "model")
             labels = (self._hosted_name(named), None)
         self.metrics.count_request(labels[0], labels[1], status, seconds)
 
@@ -229,6 +229,6 @@ async def _client_gone(receive: Receive) -> None:
         pass
 
 
-def _query_param(scope: Scope, key: str) -> str | None:
+def query_param(scope: Scope, key: str) -> str | None:
     values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get(key)
     return values[0] if values else None

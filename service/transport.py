@@ -206,8 +206,19 @@ class GuardedHttp(HttpToolsProtocol):
             self._refuse(HEADERS_TOO_LARGE, "headers_too_large")
             return
         super().on_headers_complete()
-        if g.draining and self.cycle is not None:
-            self.cycle.keep_alive = False  # answer with Connection: close
+        cycle = self.cycle
+        if cycle is None:
+            return
+        if g.draining:
+            cycle.keep_alive = False  # answer with Connection: close
+        send = cycle.send
+
+        async def send_closing_early(message: Any) -> None:
+            if message["type"] == "http.response.start" and cycle.more_body:
+                cycle.keep_alive = False  # answered before the body arrived: Connection: close, lingering close
+            await send(message)
+
+        cycle.send = send_closing_early  # type: ignore[method-assign]
 
     def on_body(self, body: bytes) -> None:
         if not self.rejected:

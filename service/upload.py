@@ -8,7 +8,6 @@ the time a client may take to send its body (slow-loris uploads get 408), on eve
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 from fastapi import Request
 from starlette.datastructures import UploadFile
@@ -124,27 +123,6 @@ async def _multipart_file(request: Request, body: bytes) -> bytes:
         raise ApiError(400, f"malformed multipart body: {e}", "bad_multipart") from e
 
 
-def complete_body(scope: Scope) -> bool:
-    """Whether the request has no body to read (no ``Content-Length`` above 0, not chunked)."""
-    headers = dict(scope["headers"])
-    length = headers.get(b"content-length", b"0")
-    return b"transfer-encoding" not in headers and (not length.isdigit() or int(length) == 0)
-
-
-def _closing_unless(no_body: bool, complete: Callable[[], bool], send: Send) -> Send:
-    """``send``, adding ``Connection: close`` to an answer sent before the request body was read: the server
-    then reads the rest of the body and closes (see ``service.transport``), so the client sees the answer."""
-    if no_body:
-        return send
-
-    async def closing_send(message: Message) -> None:
-        if message["type"] == "http.response.start" and not complete():
-            message["headers"] = [*message.get("headers", []), (b"connection", b"close")]
-        await send(message)
-
-    return closing_send
-
-
 class BodyTimeout:
     """Pure ASGI: a request whose body has not fully arrived ``seconds`` after its headers gets 408.
 
@@ -178,4 +156,4 @@ class BodyTimeout:
             complete = message["type"] != "http.request" or not message.get("more_body", False)
             return message
 
-        await self.app(scope, timed_receive, _closing_unless(complete_body(scope), lambda: complete, send))
+        await self.app(scope, timed_receive, send)

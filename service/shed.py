@@ -1,0 +1,72 @@
+"""Cheap shedding: inference requests that would be refused anyway (the model's queue is full, or the service
+is draining) are answered 503 + Retry-After by a pure ASGI layer in front of everything else.
+
+It sits inside the request-log middleware (request id, metrics) and authentication, outside everything
+else: no routing, validation, dependency injection, body read or exception handling runs for these
+requests, and their access-log line is at debug level; this module logs at most one line a second (``shed``
+counts every shed request so far). Under a flood of clients that ignore Retry-After the event loop stays
+free for the requests it admits and for ``/healthz``. The request metrics count every shed request like any
+other 503 (label: the model it named).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.runtime import V2_INFER, Service, query_param
+
+log = logging.getLogger("service.shed")
+
+
+class Shedder:
+    def __init__(self, app: ASGIApp, service: Service) -> None:
+        self.app = app
+        self.service = service
+        self.shed = 0
+        self._last_log = 0.0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        refusal = self._refusal(scope) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if refusal is None:
+            await self.app(scope, receive, send)
+            return
+        error, message, retry = refusal
+        state = scope.setdefault("state", {})
+        state["shed"] = True  # the access log line goes to debug level
+        body = json.dumps({"status": 503, "error": error, "message": message,
+                           "request_id": state.get("request_id")}).encode()
+        await send({"type": "http.response.start", "status": 503, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"retry-after", retry.encode())]})
+        await send({"type": "http.response.body", "body": body})
+        self._note(scope["path"], error)
+
+    def _refusal(self, scope: Scope) -> tuple[str, str, str] | None:
+        """(error, message, Retry-After) when the request would be refused before its body is read."""
+        svc = self.service
+        path = scope["path"]
+        named = V2_INFER.match(path)
+        if path != "/classify" and named is None:
+            return None
+        if svc.draining:
+            return "draining", "the service is shutting down", "1"
+        batcher, registry = svc.batcher, svc.registry
+        if batcher is None or registry is None or not svc.warmed:
+            return None  # the route gives the precise answer
+        name = named.group(1) if named else query_param(scope, "model")
+        q = batcher.queues.get(name or registry.default)
+        if q is None or q.admitted < svc.settings.queue_size:
+            return None
+        return "overloaded", f"model {q.hosted.name} is overloaded ({q.admitted} requests queued); retry later", \
+            str(batcher.retry_after(q))
+
+    def _note(self, path: str, error: str) -> None:
+        self.shed += 1
+        now = time.monotonic()
+        if now - self._last_log >= 1.0:
+            self._last_log = now
+            log.info("shed %s %s (503)", path, error, extra={"shed": self.shed, "error": error, "path": path})
