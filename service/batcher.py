@@ -138,6 +138,9 @@ class Batcher:
         item = Pending(sample, asyncio.get_running_loop().create_future(), ticket, job)
         q.arrived(item.enqueued)
         q.items.insert(index, item)
+        q.plan.inserted(index, job)
+        q.next_deadline = min(q.next_deadline, job.deadline)
+        item.future.add_done_callback(lambda f: f.cancelled() and q.client_gone())
         self.metrics.queue_depth.labels(model=q.hosted.name).set(len(q.items))
         q.wake.set()
         return item
@@ -145,7 +148,7 @@ class Batcher:
     def _place(self, q: ModelQueue, job: Job, commit: bool = True) -> tuple[int, float]:
         now = time.monotonic()
         try:
-            return q.scheduler.place(job, q.jobs(), now, q.busy_until if q.running else now, commit)
+            return q.scheduler.place(job, q.plan, now, q.busy_until if q.running else now, commit)
         except Unreachable as e:
             self.metrics.deadline_refused.labels(model=q.hosted.name, priority=PRIORITIES[job.priority],
                                                  stage="admission").inc()
@@ -194,12 +197,14 @@ class Batcher:
                 await asyncio.wait_for(q.wake.wait(), timeout)
 
     def _drop_dead(self, q: ModelQueue) -> None:
-        """Remove requests whose client left (future cancelled) or whose deadline passed (504): never run."""
-        if not q.items:
-            return
+        """Remove requests whose client left (future cancelled) or whose deadline passed (504): never run.
+        The queue is walked only when one may be there (a client left, or the earliest deadline passed)."""
         now = time.monotonic()
+        if not q.items or (not q.gone and now < q.next_deadline):
+            return
         live: deque[Pending] = deque()
-        for p in q.items:
+        first_removed, earliest = len(q.items), math.inf
+        for i, p in enumerate(q.items):
             if p.future.done():
                 p.ticket.release()
             elif p.job.deadline <= now:
@@ -207,8 +212,13 @@ class Batcher:
                 p.ticket.release()
             else:
                 live.append(p)
+                earliest = min(earliest, p.job.deadline)
+                continue
+            first_removed = min(first_removed, i)
+        q.gone, q.next_deadline = 0, earliest
         if len(live) != len(q.items):
             q.items = live
+            q.plan.rebuilt(first_removed)
             self.metrics.queue_depth.labels(model=q.hosted.name).set(len(live))
 
     def _take(self, q: ModelQueue) -> tuple[list[Pending], float]:
@@ -216,6 +226,7 @@ class Batcher:
         predicted time (0 when the latency model knows nothing yet)."""
         n = min(len(q.items), self.settings.max_batch_size)
         batch = [q.items.popleft() for _ in range(n)]
+        q.plan.taken([p.job for p in batch], len(q.items))
         now = time.monotonic()
         name = q.hosted.name
         for p in batch:

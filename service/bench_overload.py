@@ -1,0 +1,149 @@
+"""Overload benchmark: goodput, ``/healthz`` latency and status codes under N x overload from clients that
+ignore Retry-After, against one ``python -m service`` (``python -m service.bench_overload``).
+
+1. Capacity: ``--batch-size`` closed-loop keep-alive clients for ``--seconds``: answers/s (200s).
+2. Overload: open-loop arrivals at ``--overload`` x that capacity for ``--seconds``, each sent whether or
+   not earlier ones were refused (no back-off), on kept-alive connections (a new one when none is free or
+   the server closed one); ``/healthz`` probed every 50 ms from another thread.
+
+Prints, all from this one run: capacity, offered load, goodput and goodput / capacity, ``/healthz``
+p50/p99, the status codes seen, and whether the server's ``evit_requests_total`` counters match them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.benchload import _post, saturate, start_server, stop_server, wait_ready
+
+ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"  # as tests/conftest.py: ../shared/assets
+if not ASSETS.exists():
+    ASSETS = Path("/work/shared/assets")
+
+
+class Pool:
+    """Kept-alive connections to one server; ``send`` borrows an idle one or opens a new one."""
+
+    def __init__(self, url: str) -> None:
+        self.host, port = url.removeprefix("http://").split(":")
+        self.port = int(port)
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        self.opened = 0
+
+    async def send(self, body: bytes) -> int | str:
+        conn = self.idle.pop() if self.idle else None
+        if conn is None:
+            conn = await asyncio.open_connection(self.host, self.port)
+            self.opened += 1
+        head = (f"POST /classify HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: image/jpeg\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()
+        try:
+            code, closing = await _post(conn[0], conn[1], head, body, with_close=True)
+        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as e:
+            conn[1].close()
+            return type(e).__name__
+        if closing:
+            conn[1].close()
+        else:
+            self.idle.append(conn)
+        return code
+
+
+async def open_loop(url: str, images: list[bytes], rate: float, seconds: float) -> tuple[Counter, float]:
+    """Poisson arrivals at ``rate``/s for ``seconds``; the status (or error) of each, and the time it took."""
+    pool, codes, tasks = Pool(url), Counter(), []
+    rng = random.Random(0)
+
+    async def one(body: bytes) -> None:
+        codes[await pool.send(body)] += 1
+
+    start = time.perf_counter()
+    next_at = start
+    while next_at - start < seconds:
+        await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+        tasks.append(asyncio.create_task(one(images[len(tasks) % len(images)])))
+        next_at += rng.expovariate(rate)
+    await asyncio.gather(*tasks)
+    return codes, time.perf_counter() - start
+
+
+def probe_health(url: str, out: list[float], done: threading.Event) -> None:
+    with httpx.Client(base_url=url, timeout=10, trust_env=False) as c:
+        while not done.is_set():
+            t = time.perf_counter()
+            c.get("/healthz")
+            out.append(time.perf_counter() - t)
+            time.sleep(0.05)
+
+
+def counted(url: str) -> Counter:
+    """``evit_requests_total`` by status code, from the server's /metrics."""
+    out: Counter = Counter()
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", trust_env=False).text):
+        for s in family.samples:
+            if s.name == "evit_requests_total":
+                out[int(s.labels["code"])] += int(s.value)
+    return out
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def run(args: argparse.Namespace) -> dict[str, object]:
+    images = [p.read_bytes() for p in sorted((ASSETS / "imagenet-sample").glob("*.JPEG"))[:16]]
+    if not images:
+        raise SystemExit(f"no JPEGs under {ASSETS / 'imagenet-sample'}")
+    flags = {"queue_size": args.queue_size, "request_timeout_s": args.request_timeout_s}
+    proc, url = start_server(args, flags)
+    try:
+        wait_ready(proc, url)
+        saturate(url, images, args.batch_size, 2.0, [1.0])  # warm the caches and the latency model
+        capacity = saturate(url, images, args.batch_size, args.seconds, [1.0])["throughput"]
+        before = counted(url)
+        health: list[float] = []
+        done = threading.Event()
+        prober = threading.Thread(target=probe_health, args=(url, health, done), daemon=True)
+        prober.start()
+        codes, elapsed = asyncio.run(open_loop(url, images, args.overload * capacity, args.seconds))
+        done.set()
+        prober.join()
+        server = counted(url) - before
+    finally:
+        stop_server(proc)
+    goodput = codes[200] / elapsed
+    return {"capacity": capacity, "offered": sum(codes.values()) / elapsed, "goodput": goodput,
+            "ratio": goodput / capacity, "healthz_p50_ms": pct(health, 0.5) * 1e3,
+            "healthz_p99_ms": pct(health, 0.99) * 1e3, "codes": dict(codes),
+            "counters_match": {k: v for k, v in codes.items() if isinstance(k, int)} == dict(server)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="vit_tiny_patch16_224")
+    default_ckpt = ASSETS / "weights" / "vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors"
+    p.add_argument("--checkpoint", type=Path, default=default_ckpt if default_ckpt.exists() else None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--queue-size", type=int, default=8)
+    p.add_argument("--request-timeout-s", type=float, default=10.0)
+    p.add_argument("--overload", type=float, default=10.0, help="offered load as a multiple of capacity")
+    p.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
+    r = run(p.parse_args(argv))
+    print(f"capacity {r['capacity']:.1f}/s  offered {r['offered']:.1f}/s ({r['offered'] / r['capacity']:.1f}x)  "
+          f"goodput {r['goodput']:.1f}/s  goodput/capacity {r['ratio']:.2f}")
+    print(f"/healthz p50 {r['healthz_p50_ms']:.1f} ms  p99 {r['healthz_p99_ms']:.1f} ms")
+    print(f"codes {r['codes']}  counters match: {r['counters_match']}")
+
+
+if __name__ == "__main__":
+    main()
