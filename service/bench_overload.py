@@ -2,12 +2,15 @@
 ignore Retry-After, against one ``python -m service`` (``python -m service.bench_overload``).
 
 1. Capacity: ``--batch-size`` closed-loop keep-alive clients for ``--seconds``: answers/s (200s).
-2. Overload: open-loop arrivals at ``--overload`` x that capacity for ``--seconds``, each sent whether or
-   not earlier ones were refused (no back-off), on kept-alive connections (a new one when none is free or
-   the server closed one); ``/healthz`` probed every 50 ms from another thread.
+2. Overload, open loop: arrivals at ``--overload`` x that capacity for ``--seconds``, each sent whether
+   or not earlier ones were refused (no back-off), on kept-alive connections (a new one when none is free
+   or the server closed one).
+3. Flood: ``--flood-clients`` closed-loop clients, each sending again at once after any answer (as
+   ``hey -c 64``): the offered load is whatever the server can refuse.
 
-Prints, all from this one run: capacity, offered load, goodput and goodput / capacity, ``/healthz``
-p50/p99, the status codes seen, and whether the server's ``evit_requests_total`` counters match them.
+During 2 and 3 ``/healthz`` is probed every 50 ms from another thread. Prints, all from this one run:
+capacity, and for 2 and 3 the offered load, goodput and goodput / capacity, ``/healthz`` p50/p99, the
+status codes seen, and whether the server's ``evit_requests_total`` counters match them.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import random
 import threading
 import time
 from collections import Counter
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -76,6 +81,21 @@ async def open_loop(url: str, images: list[bytes], rate: float, seconds: float) 
     return codes, time.perf_counter() - start
 
 
+async def flood(url: str, images: list[bytes], clients: int, seconds: float) -> tuple[Counter, float]:
+    """``clients`` closed-loop clients, each sending again as soon as it has an answer (as ``hey -c``)."""
+    pool, codes = Pool(url), Counter()
+    stop = time.perf_counter() + seconds
+
+    async def client(n: int) -> None:
+        while time.perf_counter() < stop:
+            codes[await pool.send(images[n % len(images)])] += 1
+            n += clients
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client(c) for c in range(clients)))
+    return codes, time.perf_counter() - start
+
+
 def probe_health(url: str, out: list[float], done: threading.Event) -> None:
     with httpx.Client(base_url=url, timeout=10, trust_env=False) as c:
         while not done.is_set():
@@ -110,22 +130,30 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         wait_ready(proc, url)
         saturate(url, images, args.batch_size, 2.0, [1.0])  # warm the caches and the latency model
         capacity = saturate(url, images, args.batch_size, args.seconds, [1.0])["throughput"]
-        before = counted(url)
-        health: list[float] = []
-        done = threading.Event()
-        prober = threading.Thread(target=probe_health, args=(url, health, done), daemon=True)
-        prober.start()
-        codes, elapsed = asyncio.run(open_loop(url, images, args.overload * capacity, args.seconds))
-        done.set()
-        prober.join()
-        server = counted(url) - before
+        rows = {f"open loop {args.overload:g}x": overloaded(
+                    url, open_loop(url, images, args.overload * capacity, args.seconds), capacity),
+                f"flood -c {args.flood_clients}": overloaded(
+                    url, flood(url, images, args.flood_clients, args.seconds), capacity)}
     finally:
         stop_server(proc)
+    return {"capacity": capacity, "rows": rows}
+
+
+def overloaded(url: str, load: Coroutine[Any, Any, tuple[Counter, float]], capacity: float) -> dict[str, Any]:
+    """Run ``load`` while probing /healthz; goodput against ``capacity``, codes, and the server's counters."""
+    before = counted(url)
+    health: list[float] = []
+    done = threading.Event()
+    prober = threading.Thread(target=probe_health, args=(url, health, done), daemon=True)
+    prober.start()
+    codes, elapsed = asyncio.run(load)
+    done.set()
+    prober.join()
+    server = counted(url) - before
     goodput = codes[200] / elapsed
-    return {"capacity": capacity, "offered": sum(codes.values()) / elapsed, "goodput": goodput,
-            "ratio": goodput / capacity, "healthz_p50_ms": pct(health, 0.5) * 1e3,
-            "healthz_p99_ms": pct(health, 0.99) * 1e3, "codes": dict(codes),
-            "counters_match": {k: v for k, v in codes.items() if isinstance(k, int)} == dict(server)}
+    return {"offered": sum(codes.values()) / elapsed, "goodput": goodput, "ratio": goodput / capacity,
+            "healthz_p50_ms": pct(health, 0.5) * 1e3, "healthz_p99_ms": pct(health, 0.99) * 1e3,
+            "codes": dict(codes), "counters_match": {k: v for k, v in codes.items() if isinstance(k, int)} == server}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -138,11 +166,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--request-timeout-s", type=float, default=10.0)
     p.add_argument("--overload", type=float, default=10.0, help="offered load as a multiple of capacity")
     p.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
+    p.add_argument("--flood-clients", type=int, default=64, help="closed-loop clients that never back off")
     r = run(p.parse_args(argv))
-    print(f"capacity {r['capacity']:.1f}/s  offered {r['offered']:.1f}/s ({r['offered'] / r['capacity']:.1f}x)  "
-          f"goodput {r['goodput']:.1f}/s  goodput/capacity {r['ratio']:.2f}")
-    print(f"/healthz p50 {r['healthz_p50_ms']:.1f} ms  p99 {r['healthz_p99_ms']:.1f} ms")
-    print(f"codes {r['codes']}  counters match: {r['counters_match']}")
+    capacity = r["capacity"]
+    print(f"capacity {capacity:.1f}/s")
+    for name, row in r["rows"].items():
+        print(f"{name}: offered {row['offered']:.1f}/s ({row['offered'] / capacity:.1f}x)  goodput "
+              f"{row['goodput']:.1f}/s  goodput/capacity {row['ratio']:.2f}  /healthz p50 "
+              f"{row['healthz_p50_ms']:.1f} ms p99 {row['healthz_p99_ms']:.1f} ms  codes {row['codes']}  "
+              f"counters match: {row['counters_match']}")
 
 
 if __name__ == "__main__":
