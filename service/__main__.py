@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import resource
 import signal
 import socket
@@ -98,8 +99,14 @@ def main(argv: list[str] | None = None) -> int:
         app, host=settings.host, port=settings.port, log_config=None, access_log=False,
         timeout_graceful_shutdown=settings.drain_timeout_s + 5, lifespan="on", http=guard.protocol(),
     )
-    DrainingServer(config, app.state.service, guard).run()
-    return 0
+    server = DrainingServer(config, app.state.service, guard)
+    server.run()
+    # Everything is answered and logged: skip the interpreter's teardown of native libraries (torch's takes
+    # seconds), which would push the exit past the drain timeout.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0 if server.started else 1)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,11 @@ idle connection still holds a file descriptor). :class:`GuardedHttp` adds, per c
   previous answer ends (an idle keep-alive connection is closed quietly; a partial request gets 408).
 - **open connections**: at ``max_connections``, a new connection evicts the oldest one that is waiting
   for headers (a half-open or idle keep-alive one); when every connection is busy, it gets a canned 503.
-- **lingering close**: when the server closes a connection whose request body is still arriving (an
-  answer sent before the body was read, e.g. a 503, a 413), the rest of the body is read and discarded,
-  bounded in bytes and time, so a client that sends its whole body before reading sees the answer
-  instead of a connection reset.
+- **refusals delivered**: an answer sent before the request body arrived (a 503, a 413) leaves the rest
+  of the body to be read and discarded, bounded in bytes and time (then the connection is closed), and
+  the connection is kept alive after it; when the server closes a connection whose body is still arriving
+  (e.g. while draining) it does the same before closing. A client that sends its whole body before
+  reading (Python's ``http.client``) sees the answer instead of a connection reset.
 - **drain**: :meth:`Guard.drain` closes idle keep-alive connections and makes busy ones close after their
   answer (``Connection: close``); requests that arrive while draining are answered with it too.
 """
@@ -60,7 +61,7 @@ class Guard:
     waiting: dict[GuardedHttp, None] = field(default_factory=dict)  # waiting for headers, oldest first
     draining: bool = False
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("refused", "evicted", "header_timeout", "headers_too_large", "lingered"), 0))
+        ("refused", "evicted", "header_timeout", "headers_too_large", "lingered", "discarded"), 0))
     _last_log: float = 0.0
 
     def note(self, what: str) -> None:
@@ -160,23 +161,26 @@ class GuardedHttp(HttpToolsProtocol):
         if self.rejected:
             return
         transport: _Lingering = self.transport  # type: ignore[assignment]
-        if transport.lingering:
+        if self.linger_left:  # discarding the body of an answered request
             self.linger_left -= len(data)
-            if self.linger_left < 0:
+            if self.linger_left <= 0:
                 transport.finish()
                 return
-        if self._timer is not None:
+        elif self._timer is not None:
             self.raw_bytes += len(data)
         super().data_received(data)
-        if self._timer is not None and self.raw_bytes > self.guard.max_header_bytes:
+        if self._timer is not None and not self.linger_left and self.raw_bytes > self.guard.max_header_bytes:
             self._refuse(HEADERS_TOO_LARGE, "headers_too_large")
 
     def on_response_complete(self) -> None:
-        if self.cycle is not None and self.cycle.more_body:
-            self.transport.close()  # answered before the body was read: read the rest (bounded), then close
         super().on_response_complete()
-        if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
-            self._await_headers()  # idle keep-alive: the next request's headers are due in time
+        if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
+            return
+        if self.cycle is not None and self.cycle.more_body:  # answered before the body arrived: discard the
+            self.linger_left = self.guard.linger_bytes  # rest, bounded in bytes and time, then keep alive
+            self._timer = self.loop.call_later(self.guard.linger_s, self._discard_timeout)
+            return
+        self._await_headers()  # idle keep-alive: the next request's headers are due in time
 
     def shutdown(self) -> None:
         self._headers_done()
@@ -211,14 +215,6 @@ class GuardedHttp(HttpToolsProtocol):
             return
         if g.draining:
             cycle.keep_alive = False  # answer with Connection: close
-        send = cycle.send
-
-        async def send_closing_early(message: Any) -> None:
-            if message["type"] == "http.response.start" and cycle.more_body:
-                cycle.keep_alive = False  # answered before the body arrived: Connection: close, lingering close
-            await send(message)
-
-        cycle.send = send_closing_early  # type: ignore[method-assign]
 
     def on_body(self, body: bytes) -> None:
         if not self.rejected:
@@ -231,6 +227,10 @@ class GuardedHttp(HttpToolsProtocol):
         transport: _Lingering = self.transport  # type: ignore[assignment]
         if transport.lingering:
             transport.finish()  # the whole body is in: the answer has been read or will be
+        elif self.linger_left:  # the body of an answered request is discarded: the connection is idle
+            self.linger_left = 0
+            self.guard.counts["discarded"] += 1
+            self._await_headers()
 
     # -- guard -------------------------------------------------------------------------------------
     def _await_headers(self) -> None:
@@ -244,6 +244,11 @@ class GuardedHttp(HttpToolsProtocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def _discard_timeout(self) -> None:
+        self._timer = None
+        self.linger_left = 0
+        self.transport.finish()  # type: ignore[attr-defined]
 
     def _header_timeout(self) -> None:
         self._timer = None
