@@ -12,7 +12,7 @@ from collections import deque
 from types import SimpleNamespace
 
 from service.batcher import Batcher
-from service.latency import LatencyModel
+from service.latency import LatencyModel, OfferedLoad
 from service.modelqueue import QueuePlan
 from service.scheduler import Job, ListOrder, Scheduler
 
@@ -112,3 +112,25 @@ def test_dead_request_sweep_skips_the_queue_when_nothing_can_be_dead() -> None:
     Batcher._drop_dead(None, q)  # type: ignore[arg-type]
     Batcher._drop_dead(None, q)  # type: ignore[arg-type]
     assert CountingDeque.walks == 1 and q.gone == 0 and q.next_deadline == 1e12
+
+
+def test_offered_load_answers_from_running_sums() -> None:
+    """``demand`` equals a walk of the window's arrivals, without walking them."""
+    rng = random.Random(3)
+    load = OfferedLoad(window=1.0)
+    load._events = CountingDeque()
+    arrivals: list[tuple[float, int, bool, float]] = []
+    CountingDeque.walks = 0
+    for i in range(600):
+        now = i * 0.01
+        event = (now, rng.choice([0, 1, 2]), rng.random() < 0.5, rng.choice([0.5, 1.2]))
+        load.add(*event)
+        arrivals.append(event)
+        for priority in (0, 1, 2):
+            recent = [e for e in arrivals if e[0] >= now - 1.0 and e[1] <= priority]
+            others = [e for e in recent if e[1] < priority or not e[2]]
+            autos = sum(1 for e in recent if e[1] == priority and e[2])
+            got = load.demand(now, priority)
+            assert got[0] == len(others) and got[2] == autos
+            assert math.isclose(got[1], sum(e[3] for e in others), abs_tol=1e-6)
+    assert CountingDeque.walks == 0
