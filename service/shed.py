@@ -17,6 +17,7 @@ import time
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.modelqueue import ModelQueue
 from service.runtime import V2_INFER, Service, query_param
 
 log = logging.getLogger("service.shed")
@@ -34,9 +35,10 @@ class Shedder:
         if refusal is None:
             await self.app(scope, receive, send)
             return
-        error, message, retry = refusal
+        error, message, retry, labels = refusal
         state = scope.setdefault("state", {})
         state["shed"] = True  # the access log line goes to debug level
+        state["metric_labels"] = labels  # as the route would have counted it
         body = json.dumps({"status": 503, "error": error, "message": message,
                            "request_id": state.get("request_id")}).encode()
         await send({"type": "http.response.start", "status": 503, "headers": [
@@ -45,24 +47,26 @@ class Shedder:
         await send({"type": "http.response.body", "body": body})
         self._note(scope["path"], error)
 
-    def _refusal(self, scope: Scope) -> tuple[str, str, str] | None:
-        """(error, message, Retry-After) when the request would be refused before its body is read."""
+    def _refusal(self, scope: Scope) -> tuple[str, str, str, tuple[str, float | None] | None] | None:
+        """(error, message, Retry-After, metric labels) when the request would be refused before its body
+        is read."""
         svc = self.service
         path = scope["path"]
         named = V2_INFER.match(path)
         if path != "/classify" and named is None:
             return None
-        if svc.draining:
-            return "draining", "the service is shutting down", "1"
         batcher, registry = svc.batcher, svc.registry
-        if batcher is None or registry is None or not svc.warmed:
+        if batcher is None or registry is None or not (svc.warmed or svc.draining):
             return None  # the route gives the precise answer
         name = named.group(1) if named else query_param(scope, "model")
         q = batcher.queues.get(name or registry.default)
+        labels = None if q is None else (q.hosted.name, None if named else _rate(scope, q))
+        if svc.draining:
+            return "draining", "the service is shutting down", "1", labels
         if q is None or q.admitted < svc.settings.queue_size:
             return None
-        return "overloaded", f"model {q.hosted.name} is overloaded ({q.admitted} requests queued); retry later", \
-            str(batcher.retry_after(q))
+        message = f"model {q.hosted.name} is overloaded ({q.admitted} requests queued); retry later"
+        return "overloaded", message, str(batcher.retry_after(q)), labels
 
     def _note(self, path: str, error: str) -> None:
         self.shed += 1
@@ -70,3 +74,14 @@ class Shedder:
         if now - self._last_log >= 1.0:
             self._last_log = now
             log.info("shed %s %s (503)", path, error, extra={"shed": self.shed, "error": error, "path": path})
+
+
+def _rate(scope: Scope, q: ModelQueue) -> float | None:
+    """The keep-rate label ``/classify`` gives a request: its ``keep_rate`` (None for auto), else the default."""
+    given = query_param(scope, "keep_rate")
+    if given is None:
+        return q.hosted.default_keep_rate
+    try:
+        return float(given)
+    except ValueError:
+        return None
