@@ -1,16 +1,19 @@
 """Overload benchmark: goodput, ``/healthz`` latency and status codes under N x overload from clients that
 ignore Retry-After, against one ``python -m service`` (``python -m service.bench_overload``).
 
-1. Capacity: ``--batch-size`` closed-loop keep-alive clients for ``--seconds``: answers/s (200s).
-2. Overload, open loop: arrivals at ``--overload`` x that capacity for ``--seconds``, each sent whether
+Each of ``--rounds`` rounds runs three phases of ``--seconds``:
+
+1. Capacity: ``--batch-size`` closed-loop keep-alive clients: answers/s (200s).
+2. Overload, open loop: arrivals at ``--overload`` x that capacity, each sent whether
    or not earlier ones were refused (no back-off), on kept-alive connections (a new one when none is free
    or the server closed one).
 3. Flood: ``--flood-clients`` closed-loop clients, each sending again at once after any answer (as
    ``hey -c 64``): the offered load is whatever the server can refuse.
 
 During 2 and 3 ``/healthz`` is probed every 50 ms from another thread. Prints, all from this one run:
-capacity, and for 2 and 3 the offered load, goodput and goodput / capacity, ``/healthz`` p50/p99, the
-status codes seen, and whether the server's ``evit_requests_total`` counters match them.
+capacity, and for 2 and 3 the offered load and goodput as multiples of the capacity measured just before
+(per round and their mean), ``/healthz`` p50/p99 over all probes, the status codes seen, and whether the
+server's ``evit_requests_total`` counters match them.
 """
 
 from __future__ import annotations
@@ -120,23 +123,29 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def run(args: argparse.Namespace) -> dict[str, object]:
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """``--rounds`` rounds of (capacity, open-loop overload, flood), so each overload is compared with the
+    capacity measured just before it on a machine whose load drifts."""
     images = [p.read_bytes() for p in sorted((ASSETS / "imagenet-sample").glob("*.JPEG"))[:16]]
     if not images:
         raise SystemExit(f"no JPEGs under {ASSETS / 'imagenet-sample'}")
     flags = {"queue_size": args.queue_size, "request_timeout_s": args.request_timeout_s}
     proc, url = start_server(args, flags)
+    capacities: list[float] = []
+    rows: dict[str, list[dict[str, Any]]] = {f"open loop {args.overload:g}x": [], f"flood -c {args.flood_clients}": []}
     try:
         wait_ready(proc, url)
         saturate(url, images, args.batch_size, 2.0, [1.0])  # warm the caches and the latency model
-        capacity = saturate(url, images, args.batch_size, args.seconds, [1.0])["throughput"]
-        rows = {f"open loop {args.overload:g}x": overloaded(
-                    url, open_loop(url, images, args.overload * capacity, args.seconds), capacity),
-                f"flood -c {args.flood_clients}": overloaded(
-                    url, flood(url, images, args.flood_clients, args.seconds), capacity)}
+        for _ in range(args.rounds):
+            capacity = saturate(url, images, args.batch_size, args.seconds, [1.0])["throughput"]
+            capacities.append(capacity)
+            loads = (open_loop(url, images, args.overload * capacity, args.seconds),
+                     flood(url, images, args.flood_clients, args.seconds))
+            for row, load in zip(rows.values(), loads, strict=True):
+                row.append(overloaded(url, load, capacity))
     finally:
         stop_server(proc)
-    return {"capacity": capacity, "rows": rows}
+    return {"capacity": sum(capacities) / len(capacities), "rows": {k: combine(v) for k, v in rows.items()}}
 
 
 def overloaded(url: str, load: Coroutine[Any, Any, tuple[Counter, float]], capacity: float) -> dict[str, Any]:
@@ -150,10 +159,19 @@ def overloaded(url: str, load: Coroutine[Any, Any, tuple[Counter, float]], capac
     done.set()
     prober.join()
     server = counted(url) - before
-    goodput = codes[200] / elapsed
-    return {"offered": sum(codes.values()) / elapsed, "goodput": goodput, "ratio": goodput / capacity,
+    return {"offered": sum(codes.values()) / elapsed / capacity, "ratio": codes[200] / elapsed / capacity,
+            "health": health, "codes": codes,
+            "match": {k: v for k, v in codes.items() if isinstance(k, int)} == server}
+
+
+def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rounds of one kind of overload: mean ratios, /healthz percentiles over every probe, codes summed."""
+    health = [h for r in rounds for h in r["health"]]
+    return {"offered_x": sum(r["offered"] for r in rounds) / len(rounds),
+            "ratio": sum(r["ratio"] for r in rounds) / len(rounds), "ratios": [r["ratio"] for r in rounds],
             "healthz_p50_ms": pct(health, 0.5) * 1e3, "healthz_p99_ms": pct(health, 0.99) * 1e3,
-            "codes": dict(codes), "counters_match": {k: v for k, v in codes.items() if isinstance(k, int)} == server}
+            "codes": dict(sum((r["codes"] for r in rounds), Counter())),
+            "counters_match": all(r["match"] for r in rounds)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,14 +185,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--overload", type=float, default=10.0, help="offered load as a multiple of capacity")
     p.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
     p.add_argument("--flood-clients", type=int, default=64, help="closed-loop clients that never back off")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of capacity, open loop, flood")
     r = run(p.parse_args(argv))
-    capacity = r["capacity"]
-    print(f"capacity {capacity:.1f}/s")
+    print(f"capacity {r['capacity']:.1f}/s (mean of the rounds)")
     for name, row in r["rows"].items():
-        print(f"{name}: offered {row['offered']:.1f}/s ({row['offered'] / capacity:.1f}x)  goodput "
-              f"{row['goodput']:.1f}/s  goodput/capacity {row['ratio']:.2f}  /healthz p50 "
-              f"{row['healthz_p50_ms']:.1f} ms p99 {row['healthz_p99_ms']:.1f} ms  codes {row['codes']}  "
-              f"counters match: {row['counters_match']}")
+        ratios = " ".join(f"{x:.2f}" for x in row["ratios"])
+        print(f"{name}: offered {row['offered_x']:.1f}x capacity  goodput/capacity {row['ratio']:.2f} (rounds: "
+              f"{ratios})  /healthz p50 {row['healthz_p50_ms']:.1f} ms p99 {row['healthz_p99_ms']:.1f} ms  "
+              f"codes {row['codes']}  counters match: {row['counters_match']}")
 
 
 if __name__ == "__main__":
