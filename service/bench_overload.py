@@ -129,7 +129,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     images = [p.read_bytes() for p in sorted((ASSETS / "imagenet-sample").glob("*.JPEG"))[:16]]
     if not images:
         raise SystemExit(f"no JPEGs under {ASSETS / 'imagenet-sample'}")
-    flags = {"queue_size": args.queue_size, "request_timeout_s": args.request_timeout_s}
+    flags = {"queue_size": args.queue_size, "request_timeout_s": args.request_timeout_s,
+             "shed_delay_ms": args.shed_delay_ms}
     proc, url = start_server(args, flags)
     capacities: list[float] = []
     rows: dict[str, list[dict[str, Any]]] = {f"open loop {args.overload:g}x": [], f"flood -c {args.flood_clients}": []}
@@ -185,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--overload", type=float, default=10.0, help="offered load as a multiple of capacity")
     p.add_argument("--seconds", type=float, default=20.0, help="length of each phase")
     p.add_argument("--flood-clients", type=int, default=64, help="closed-loop clients that never back off")
+    p.add_argument("--shed-delay-ms", type=float, default=100.0, help="the server's --shed-delay-ms")
     p.add_argument("--rounds", type=int, default=2, help="rounds of capacity, open loop, flood")
     r = run(p.parse_args(argv))
     print(f"capacity {r['capacity']:.1f}/s (mean of the rounds)")

@@ -109,6 +109,7 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(32768, ge=1024)  # request line + headers; more: 431
     max_headers: int = Field(100, ge=1)  # header fields; more: 431
     upload_budget_bytes: int = Field(256 * 2**20, ge=1)  # request bodies being received at once; more: 503
+    shed_delay_ms: float = Field(100.0, ge=0.0, le=10_000.0)  # an overload 503 is held this long before it is sent
 
     # server
     host: str = "127.0.0.1"
@@ -225,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--body-timeout-s", type=float, help="requests whose body has not arrived by then get 408 (slow uploads)")
     add("--max-connections", type=int, help="open connections at most; beyond it idle ones are closed, or 503")
     add("--header-timeout-s", type=float, help="requests whose headers have not arrived by then are closed")
+    add("--shed-delay-ms", type=float, help="hold each shed 503 this long (slows clients that resend at once)")
     add("--upload-budget-bytes", type=int, help="request bodies being received at once, in bytes; more get 503")
     add("--api-tokens-file", type=Path, metavar="PATH",
         help="bearer tokens (one a line) required on every route but health, metrics and docs; "

@@ -7,10 +7,15 @@ requests, and their access-log line is at debug level; this module logs at most 
 counts every shed request so far). Under a flood of clients that ignore Retry-After the event loop stays
 free for the requests it admits and for ``/healthz``. The request metrics count every shed request like any
 other 503 (label: the model it named).
+
+An ``overloaded`` refusal is held ``shed_delay_ms`` before it is sent: a client that honours Retry-After
+loses nothing, one that resends at once (a closed-loop flood) is slowed to one refusal per delay per
+connection, so refusals cannot take the CPU (and the GIL) the inference thread needs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -27,6 +32,7 @@ class Shedder:
     def __init__(self, app: ASGIApp, service: Service) -> None:
         self.app = app
         self.service = service
+        self.delay_s = service.settings.shed_delay_ms / 1e3
         self.shed = 0
         self._last_log = 0.0
 
@@ -36,6 +42,8 @@ class Shedder:
             await self.app(scope, receive, send)
             return
         error, message, retry, labels = refusal
+        if self.delay_s and error == "overloaded":  # hold the answer: a client that resends at once then costs
+            await asyncio.sleep(self.delay_s)  # at most one refusal per delay (it holds no CPU meanwhile)
         state = scope.setdefault("state", {})
         state["shed"] = True  # the access log line goes to debug level
         state["metric_labels"] = labels  # as the route would have counted it
