@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -59,21 +60,27 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-async def _post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes, body: bytes) -> int:
-    """One HTTP/1.1 request on a kept-alive connection; returns the status (the answer is read and dropped).
+async def _post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes, body: bytes,
+                with_close: bool = False) -> Any:
+    """One HTTP/1.1 request on a kept-alive connection; returns the status (the answer is read and dropped),
+    with ``with_close`` also whether the server closes the connection after it (``Connection: close``).
 
     A minimal client on purpose: httpx spent 3-5 ms of CPU per request here, CPU that the server under
     test, on the same two cores, would then not have.
     """
     writer.write(head + body)
     status_line = await reader.readline()
-    length = 0
+    length, closing = 0, False
     while (line := await reader.readline()) not in (b"\r\n", b""):
         name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
+        name = name.strip().lower()
+        if name == b"content-length":
             length = int(value)
+        elif name == b"connection":
+            closing = value.strip().lower() == b"close"
     await reader.readexactly(length)
-    return int(status_line.split()[1])
+    status = int(status_line.split()[1])
+    return (status, closing) if with_close else status
 
 
 async def _load(url: str, images: list[bytes], clients: int, seconds: float, rates: list[float]) -> dict:

@@ -2,7 +2,8 @@
 
 Lifespan: load the models (unless a loaded registry is given), start the batchers, warm up in the
 background (``/readyz`` is 503 until done); on shutdown drain (admitted requests finish), then stop.
-Middleware, outermost first: request id + access log, bearer-token auth (when tokens are set), body timeout.
+Middleware, outermost first: request id + access log, bearer-token auth (when tokens are set), shedding
+(``service.shed``), body timeout.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ from service.schemas import (
     error_responses,
 )
 from service.settings import Settings
-from service.upload import REQUEST_BODY_DOC, BodyTimeout, read_image_bytes
+from service.shed import Shedder
+from service.upload import REQUEST_BODY_DOC, BodyTimeout, UploadBudget, read_image_bytes
 
 router = APIRouter()
 
@@ -109,7 +111,7 @@ async def classify(
     ask = Ask.of(keep_rate, min_keep_rate, (deadline_ms, x_deadline_ms), priority)
     answer = await svc.infer(
         call_of(request), hosted, None if keep_rate == "auto" else keep_rate, top_k, return_tokens,
-        lambda: read_image_bytes(request, svc.settings.max_body_bytes), ask,
+        lambda: read_image_bytes(request, svc.settings.max_body_bytes, request.app.state.uploads), ask,
     )
     return classify_response(answer)
 
@@ -191,6 +193,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.service = service
+    app.state.uploads = UploadBudget(settings.upload_budget_bytes)  # bodies being received, all routes
     service.metrics.set_build_info(backend="torch")
     install_error_handlers(app)
     app.include_router(router)
@@ -198,6 +201,7 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     if settings.metrics_path:  # prometheus_client's ASGI app: gzip and OpenMetrics by negotiation
         app.router.routes.append(Route(settings.metrics_path, service.metrics.asgi_app(), methods=["GET"]))
     app.add_middleware(BodyTimeout, seconds=settings.body_timeout_s)
+    app.add_middleware(Shedder, service=service)  # inside auth and the request log: see service.shed
     if settings.api_tokens:
         protect(app, [t.get_secret_value() for t in settings.api_tokens], settings.metrics_path)
     app.add_middleware(RequestLogMiddleware, on_done=functools.partial(count_request, service))

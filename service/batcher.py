@@ -1,7 +1,9 @@
 """Dynamic batching: one queue per model, batches formed on the event loop, run on the device's one thread.
 
-A request is *admitted* first (a slot in the model's bounded queue, taken before its image is decoded,
-so overload is refused cheaply with ``Overloaded``: 503 + Retry-After), then *submitted* with its decoded tensor. A
+A request is *checked* before its body is read (a full queue is refused cheaply with ``Overloaded``, 503 +
+Retry-After; an unreachable deadline with ``DeadlineUnreachable``), *admitted* once its body is complete (a
+slot in the model's bounded queue, taken before its image is decoded, so slow uploads hold no slot), then
+*submitted* with its decoded tensor. A
 model's batch former takes a batch when it holds ``max_batch_size`` requests or its oldest request has
 waited ``max_wait``, and only while the model has no pass in flight: under load, requests that arrive
 during a pass form the next batch, so batches grow with load. When requests arrive further apart than
@@ -127,9 +129,14 @@ class Batcher:
             await asyncio.to_thread(worker.close)
 
     # -- requests ------------------------------------------------------------------------------------
-    def admit(self, model: str, job: Job) -> Ticket:
-        """A slot in ``model``'s queue, or ``Overloaded`` when the queue is full (for low priority:
+    def check(self, model: str, job: Job) -> None:
+        """Refuse now, before the body is read: ``Overloaded`` when ``model``'s queue is full (for low priority:
         its share of the queue), or a refusal when ``job`` is already predicted to miss its deadline."""
+        q = self.room(model, job)
+        self._check(q, job)
+
+    def room(self, model: str, job: Job) -> ModelQueue:
+        """``model``'s queue if it has room for ``job``; else ``Overloaded`` (503 with Retry-After)."""
         q = self.queues[model]
         limit = self.settings.queue_size
         if job.priority == Priority.LOW:
@@ -138,7 +145,12 @@ class Batcher:
             which = "" if limit == self.settings.queue_size else " for low-priority requests"
             raise Overloaded(f"model {model} is overloaded{which} ({q.admitted} requests queued); retry later",
                              self.retry_after(q))
-        self._check(q, job)  # refuse now rather than after reading and decoding the image
+        return q
+
+    def admit(self, model: str, job: Job) -> Ticket:
+        """A slot in ``model``'s queue (taken once the body is complete, so slow uploads hold none), or
+        ``Overloaded`` when the queue is full (see :meth:`check`)."""
+        q = self.room(model, job)
         q.admitted += 1
         self.metrics.admitted.labels(model=model).set(q.admitted)
         return Ticket(q, self.metrics)
@@ -156,12 +168,15 @@ class Batcher:
             raise Unavailable(f"model {q.hosted.name} is unavailable: {self.dead[q.hosted.name]}")
         now = time.monotonic()
         try:
-            index, job.rate = q.scheduler.place(job, q.jobs(), now, q.busy_until if q.running else now)
+            index, job.rate = q.scheduler.place(job, q.plan, now, q.busy_until if q.running else now)
         except Unreachable as e:
             raise self._refused(q, job, e) from None
         job.future, job.ticket, job.enqueued = asyncio.get_running_loop().create_future(), ticket, now
         q.arrived(job.enqueued)
         q.items.insert(index, job)
+        q.plan.inserted(index, job)
+        q.next_deadline = min(q.next_deadline, job.deadline)
+        job.future.add_done_callback(lambda f: f.cancelled() and q.client_gone())
         self.metrics.queue_depth.labels(model=q.hosted.name).set(len(q.items))
         q.wake.set()
         return job
@@ -169,7 +184,7 @@ class Batcher:
     def _check(self, q: ModelQueue, job: Job) -> None:
         now = time.monotonic()
         try:
-            q.scheduler.check(job, q.jobs(), now, q.busy_until if q.running else now)
+            q.scheduler.check(job, q.plan, now, q.busy_until if q.running else now)
         except Unreachable as e:
             raise self._refused(q, job, e) from None
 
@@ -221,12 +236,14 @@ class Batcher:
                 await asyncio.wait_for(q.wake.wait(), timeout)
 
     def _drop_dead(self, q: ModelQueue) -> None:
-        """Remove requests whose client left (future cancelled) or whose deadline passed (QueueTimeout): never run."""
-        if not q.items:
-            return
+        """Remove requests whose client left (future cancelled) or whose deadline passed (QueueTimeout): never
+        run. The queue is walked only when one may be there (a client left, or the earliest deadline passed)."""
         now = time.monotonic()
+        if not q.items or (not q.gone and now < q.next_deadline):
+            return
         live: deque[Job] = deque()
-        for p in q.items:
+        first_removed, earliest = len(q.items), math.inf
+        for i, p in enumerate(q.items):
             if p.future.done():
                 p.ticket.release()
             elif p.deadline <= now:
@@ -234,8 +251,13 @@ class Batcher:
                 p.ticket.release()
             else:
                 live.append(p)
+                earliest = min(earliest, p.deadline)
+                continue
+            first_removed = min(first_removed, i)
+        q.gone, q.next_deadline = 0, earliest
         if len(live) != len(q.items):
             q.items = live
+            q.plan.rebuilt(first_removed)
             self.metrics.queue_depth.labels(model=q.hosted.name).set(len(live))
 
     def _take(self, q: ModelQueue) -> tuple[list[Job], float]:
@@ -243,6 +265,7 @@ class Batcher:
         predicted time (0 when the latency model knows nothing yet)."""
         n = min(len(q.items), self.settings.max_batch_size)
         batch = [q.items.popleft() for _ in range(n)]
+        q.plan.taken(batch, len(q.items))
         now = time.monotonic()
         name = q.hosted.name
         for p in batch:

@@ -14,7 +14,7 @@ from starlette.types import Receive, Scope
 from service.metrics import NO_MODEL
 from service.runtime import Call, Service
 
-_V2_INFER = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]+)?/infer$")
+V2_INFER = re.compile(r"^/v2/models/([^/]+)(?:/versions/[^/]+)?/infer$")
 
 
 async def get_service(request: Request) -> Service:
@@ -43,13 +43,13 @@ async def client_gone(receive: Receive) -> None:
 def count_request(svc: Service, scope: Scope, status: int, seconds: float) -> None:
     """Request metrics for the inference routes (called by the logging middleware once per response)."""
     path = scope["path"]
-    name_in_path = _V2_INFER.match(path)
+    name_in_path = V2_INFER.match(path)
     if path != "/classify" and name_in_path is None:
         return
     state = scope.get("state", {})
     labels = state.get("metric_labels")
     if labels is None:  # refused before the route ran (422): label with the model it named, if hosted
-        named = name_in_path.group(1) if name_in_path else _query_param(scope, "model")
+        named = name_in_path.group(1) if name_in_path else query_param(scope, "model")
         labels = (_hosted_name(svc, named), None)
     svc.metrics.count_request(labels[0], labels[1], status, seconds)
 
@@ -62,6 +62,6 @@ def _hosted_name(svc: Service, name: str | None) -> str:
     return name if name in svc.registry.models else NO_MODEL
 
 
-def _query_param(scope: Scope, key: str) -> str | None:
+def query_param(scope: Scope, key: str) -> str | None:
     values = parse_qs(scope.get("query_string", b"").decode("latin-1")).get(key)
     return values[0] if values else None

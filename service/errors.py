@@ -70,17 +70,25 @@ def api_error(e: core.ServiceError) -> ApiError:
     return ApiError(500, e.message, "internal_error")
 
 
+def error_body(path: str, status: int, error: str, message: str, request_id: str | None = None,
+               details: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The JSON error body for ``path``: V2 routes get the protocol's ``{"error": "<message>"}`` with the
+    type in ``code``; the others ``{"error": "<type>", "message": ...}``."""
+    body: ErrorResponse | V2ErrorResponse
+    if is_v2(path):
+        body = V2ErrorResponse(error=message, code=error, status=status, request_id=request_id, details=details)
+    else:
+        body = ErrorResponse(status=status, error=error, message=message, request_id=request_id, details=details)
+    return body.model_dump(exclude_none=True)
+
+
 def error_response(
     request: Request, status: int, error: str, message: str,
     headers: dict[str, str] | None = None, details: list[dict[str, Any]] | None = None,
 ) -> JSONResponse:
     request_id = getattr(request.state, "request_id", None)
-    body: ErrorResponse | V2ErrorResponse
-    if is_v2(request.url.path):  # the protocol's {"error": "<message>"}, the type in "code"
-        body = V2ErrorResponse(error=message, code=error, status=status, request_id=request_id, details=details)
-    else:
-        body = ErrorResponse(status=status, error=error, message=message, request_id=request_id, details=details)
-    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
+    body = error_body(request.url.path, status, error, message, request_id, details)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 async def _api_error(request: Request, exc: Exception) -> JSONResponse:

@@ -56,6 +56,12 @@ HELP = {
     "max_decoded_bytes": "estimated memory one image may take to decode and resize; more gets 413 before decoding",
     "image_formats": "accepted image formats, comma-separated",
     "jpeg_draft": "let libjpeg downscale large JPEGs while decoding (never below the resize)",
+    "max_connections": "open connections at most; beyond it one waiting for headers is closed, or 503",
+    "header_timeout_s": "requests whose headers have not arrived by then are closed (408)",
+    "max_header_bytes": "request line + headers at most; more gets 431",
+    "max_headers": "header fields at most; more gets 431",
+    "upload_budget_bytes": "request bodies being received at once, in bytes; more get 503",
+    "shed_delay_ms": "hold each shed 503 this long (slows clients that resend at once)",
     "api_tokens_file": "bearer tokens (one a line) required on every route but health, metrics and docs; "
     "or EVIT_API_TOKENS=a,b",
     "metrics_path": "where /metrics is served; '' turns it off",

@@ -156,35 +156,42 @@ class LatencyModel:
 
 class OfferedLoad:
     """The requests that arrived in the last ``window`` seconds: when, their priority class, whether they
-    asked for ``keep_rate=auto``, and the GMACs per image they run (or would have run) at."""
+    asked for ``keep_rate=auto``, and the GMACs per image they run (or would have run) at. Counts and GMACs
+    per (class, auto) are kept as running sums, so asking costs O(classes), not a walk of the window."""
 
     def __init__(self, window: float = 2.0) -> None:
         self.window = window
         self._events: deque[tuple[float, int, bool, float]] = deque()
+        self._count: dict[tuple[int, bool], int] = {}
+        self._gmacs: dict[tuple[int, bool], float] = {}
 
     def add(self, now: float, priority: int, auto: bool, gmacs: float) -> None:
         self._events.append((now, priority, auto, gmacs))
+        key = (priority, auto)
+        self._count[key] = self._count.get(key, 0) + 1
+        self._gmacs[key] = self._gmacs.get(key, 0.0) + gmacs
         self._trim(now)
 
     def _trim(self, now: float) -> None:
         while self._events and self._events[0][0] < now - self.window:
-            self._events.popleft()
+            _, priority, auto, gmacs = self._events.popleft()
+            self._count[priority, auto] -= 1
+            self._gmacs[priority, auto] -= gmacs
+        if not self._events:  # no drift from the running float sums
+            self._count.clear()
+            self._gmacs.clear()
 
     def demand(self, now: float, priority: int) -> tuple[int, float, int]:
         """What requests of ``priority`` must share the device with: arrivals of higher classes and the
         fixed-rate ones of the same class (count, GMACs summed), and the same class's auto requests (count).
         Lower classes are left out: they run after, or are shed."""
         self._trim(now)
-        others, others_gmacs, autos = 0, 0.0, 0
-        for _, p, auto, gmacs in self._events:
-            if p > priority:
-                continue
-            if p == priority and auto:
-                autos += 1
-            else:
-                others += 1
-                others_gmacs += gmacs
-        return others, others_gmacs, autos
+        others, others_gmacs = 0, 0.0
+        for (p, auto), count in self._count.items():
+            if p < priority or (p == priority and not auto):
+                others += count
+                others_gmacs += self._gmacs[p, auto]
+        return others, max(others_gmacs, 0.0), self._count.get((priority, True), 0)
 
     def rate(self, now: float) -> float:
         """Arrivals per second over the window."""

@@ -90,7 +90,8 @@ class RequestLogMiddleware:
             seconds = time.monotonic() - start
             if self.on_done is not None:
                 self.on_done(scope, status, seconds)
-            level = logging.DEBUG if scope["path"] in QUIET_PATHS and status < 400 else logging.INFO
+            quiet = (scope["path"] in QUIET_PATHS and status < 400) or "shed" in state  # shed: sampled by service.shed
+            level = logging.DEBUG if quiet else logging.INFO
             client = scope.get("client")
             access_log.log(level, "%s %s %d", scope["method"], scope["path"], status, extra={
                 "request_id": request_id, "method": scope["method"], "path": scope["path"], "status": status,

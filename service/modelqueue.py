@@ -1,13 +1,21 @@
 """One hosted model's batching queue: its pending requests in run order, admission tickets, and the
-scheduler (with its latency model) that decides deadlines, ``keep_rate=auto`` and priorities for it."""
+scheduler (with its latency model) that decides deadlines, ``keep_rate=auto`` and priorities for it.
+
+:class:`QueuePlan` keeps what placing a request needs up to date as the queue changes (jobs per priority
+class; the predicted time of each chunk of ``max_batch`` jobs, recomputed only from the first chunk a change
+touched, and all of it only when the latency model has learnt from a pass), so the event loop's work per
+request does not grow with the queue's length.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 from collections import deque
+from collections.abc import Iterable
 
-from service.job import Job
+from service.job import Job, Priority
 from service.latency import LatencyModel
 from service.metrics import Metrics, rate_label
 from service.registry import HostedModel
@@ -21,6 +29,9 @@ class ModelQueue:
         self.worker = worker
         self.scheduler = scheduler  # its latency model is calibrated at warm-up, then learns from every pass
         self.items: deque[Job] = deque()  # in run order: by priority, then arrival
+        self.plan = QueuePlan(self)
+        self.gone = 0  # queued requests whose client left (future cancelled): dropped at the next wake
+        self.next_deadline = math.inf  # no queued request's deadline is earlier (a lower bound)
         self.admitted = 0  # admitted and not yet in a batch: decoding, or waiting in ``items``
         self.wake = asyncio.Event()
         self.running = False
@@ -42,6 +53,9 @@ class ModelQueue:
             p.ticket.release()
             if not p.future.done():
                 p.future.set_exception(error)
+
+    def client_gone(self) -> None:
+        self.gone += 1
 
     @property
     def latency(self) -> LatencyModel:
@@ -71,6 +85,61 @@ class ModelQueue:
         c = self.latency.cost
         if c is not None:
             metrics.set_latency_model(self.hosted.name, c.overhead_s, c.seconds_per_gmac, self.latency.error)
+
+
+class QueuePlan:
+    """:class:`service.scheduler.RunOrder` of a :class:`ModelQueue`, kept up to date incrementally."""
+
+    def __init__(self, queue: ModelQueue) -> None:
+        self.queue = queue
+        self.counts = [0] * len(Priority)
+        self._ends: list[float] = []  # predicted end of chunks 0, 1, ... (a valid prefix), from ``_base``
+        self._base = 0.0
+        self._cost: object = None  # the latency line ``_ends`` was computed with
+        self.chunks_computed = 0  # batch predictions made (for tests: work per request)
+
+    def index(self, priority: int) -> int:
+        return sum(self.counts[: priority + 1])
+
+    def seconds_before(self, chunks: int) -> float:
+        scheduler = self.queue.scheduler
+        if scheduler.latency.cost is not self._cost:  # the line moved: every chunk's time did too
+            self._cost = scheduler.latency.cost
+            self._ends.clear()
+        size = scheduler.max_batch
+        while len(self._ends) < chunks:
+            k = len(self._ends)
+            seconds = scheduler.batch_seconds(self.rates(k * size, (k + 1) * size))
+            self._ends.append((self._ends[-1] if self._ends else self._base) + seconds)
+            self.chunks_computed += 1
+        return (self._ends[chunks - 1] if chunks else self._base) - self._base
+
+    def rates(self, start: int, stop: int) -> list[float]:
+        return [j.rate for j in itertools.islice(self.queue.items, start, stop)]
+
+    def inserted(self, index: int, job: Job) -> None:
+        self.counts[job.priority] += 1
+        del self._ends[index // self.queue.scheduler.max_batch :]
+
+    def taken(self, jobs: Iterable[Job], rest: int) -> None:
+        """The first jobs of the queue left for a batch; ``rest`` are still queued."""
+        n = 0
+        for j in jobs:
+            self.counts[j.priority] -= 1
+            n += 1
+        if n == self.queue.scheduler.max_batch and self._ends:  # a whole chunk: the others keep their times
+            self._base = self._ends.pop(0)
+        else:
+            self._ends.clear()
+        if not rest:
+            self._ends.clear()
+
+    def rebuilt(self, first_change: int) -> None:
+        """Requests were removed from anywhere at or after ``first_change``: recount."""
+        self.counts = [0] * len(Priority)
+        for j in self.queue.items:
+            self.counts[j.priority] += 1
+        del self._ends[first_change // self.queue.scheduler.max_batch :]
 
 
 class Ticket:

@@ -128,6 +128,12 @@ class Service:
             await self.batcher.stop()
         self.decode_pool.shutdown()
 
+    def check_room(self, hosted: HostedModel) -> None:
+        """503 before a body is read when the service is not accepting or ``hosted``'s queue is full."""
+        self.check_accepting()
+        assert self.batcher is not None
+        self.batcher.room(hosted.name, Job(hosted.default_keep_rate, math.inf))
+
     def check_accepting(self) -> None:
         if self.failure is not None:
             raise Unavailable(f"the service is unavailable: {self.failure}")
@@ -162,8 +168,10 @@ class Service:
         started = call.started
         job = self._job(ask, rate, started)
         job.top_k, job.want_kept = top_k, want_kept
-        with self.batcher.admit(hosted.name, job) as ticket:
-            data = await read()
+        self.batcher.check(hosted.name, job)  # refused before the body is read
+        data = await read()
+        self.check_accepting()
+        with self.batcher.admit(hosted.name, job) as ticket:  # the slot is taken once the body is complete
             t0 = time.monotonic()
             try:
                 job.tensor = await self.decode_pool.run(hosted.preprocess, data, job.deadline)  # QueueTimeout past it

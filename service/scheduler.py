@@ -33,6 +33,7 @@ import bisect
 import functools
 import math
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from service.exceptions import DeadlineUnreachable
 from service.job import PRIORITIES, Ask, Job, Priority
@@ -81,6 +82,41 @@ def insert_at(queue: Sequence[Job], priority: int) -> int:
     return bisect.bisect_right([j.priority for j in queue], priority)
 
 
+class RunOrder(Protocol):
+    """What placing a job needs of a queue in run order (``ListOrder`` here; ``modelqueue.QueuePlan`` keeps
+    it up to date incrementally, so that placing costs O(max_batch), not a walk of the whole queue)."""
+
+    def index(self, priority: int) -> int:
+        """Where a new job of ``priority`` goes (:func:`insert_at`)."""
+        ...
+
+    def seconds_before(self, chunks: int) -> float:
+        """Predicted seconds of the first ``chunks`` chunks of ``max_batch`` jobs (before any safety factor)."""
+        ...
+
+    def rates(self, start: int, stop: int) -> list[float]:
+        """Keep rates of the jobs at ``start:stop``."""
+        ...
+
+
+class ListOrder:
+    """:class:`RunOrder` of a plain list of jobs, computed on each call."""
+
+    def __init__(self, queue: Sequence[Job], scheduler: Scheduler) -> None:
+        self.queue = queue
+        self.scheduler = scheduler
+
+    def index(self, priority: int) -> int:
+        return insert_at(self.queue, priority)
+
+    def seconds_before(self, chunks: int) -> float:
+        size = self.scheduler.max_batch
+        return sum(self.scheduler.batch_seconds(self.rates(a, a + size)) for a in range(0, chunks * size, size))
+
+    def rates(self, start: int, stop: int) -> list[float]:
+        return [j.rate for j in self.queue[start:stop]]
+
+
 class Scheduler:
     def __init__(
         self, latency: LatencyModel, gmacs: Callable[[float], float], max_batch: int,
@@ -110,10 +146,11 @@ class Scheduler:
         return now + self.latency.safety * max(end - now, 0.0)
 
     # -- decisions -----------------------------------------------------------------------------------
-    def place(self, job: Job, queue: Sequence[Job], now: float, busy_until: float) -> tuple[int, float]:
-        """Where ``job`` goes in ``queue`` and the keep rate it runs at (auto: chosen here, once); raises
-        :class:`Unreachable`. ``busy_until``: when the pass in flight is predicted to end (``now`` or earlier
-        when idle). The request counts in the offered load once: here, placed or refused."""
+    def place(self, job: Job, queue: Sequence[Job] | RunOrder, now: float, busy_until: float) -> tuple[int, float]:
+        """Where ``job`` goes in ``queue`` (jobs in run order, or a :class:`RunOrder`) and the keep rate it runs
+        at (auto: chosen here, once); raises :class:`Unreachable`. ``busy_until``: when the pass in flight is
+        predicted to end (``now`` or earlier when idle). The request counts in the offered load once: here,
+        placed or refused."""
         try:
             i, rate = self._place(job, queue, now, busy_until, choose=True)
         except Unreachable:
@@ -122,7 +159,7 @@ class Scheduler:
         self.load.add(now, job.priority, job.auto, self.gmacs(rate))
         return i, rate
 
-    def check(self, job: Job, queue: Sequence[Job], now: float, busy_until: float) -> None:
+    def check(self, job: Job, queue: Sequence[Job] | RunOrder, now: float, busy_until: float) -> None:
         """Raises :class:`Unreachable` when ``job`` would miss its deadline even at its lowest rate (at
         admission, before its image is read: the rate is chosen by ``place`` once it is decoded)."""
         try:
@@ -144,17 +181,16 @@ class Scheduler:
         max_gmacs = room / (autos * cost.seconds_per_gmac)
         return _highest(self.grid(job.min_rate), lambda r: self.gmacs(r) <= max_gmacs)
 
-    def _place(self, job: Job, queue: Sequence[Job], now: float, busy_until: float, choose: bool
+    def _place(self, job: Job, queue: Sequence[Job] | RunOrder, now: float, busy_until: float, choose: bool
                ) -> tuple[int, float]:
-        i = insert_at(queue, job.priority)
+        order = queue if hasattr(queue, "seconds_before") else ListOrder(queue, self)  # type: ignore[arg-type]
+        i = order.index(job.priority)
         if not self.latency.calibrated:
             return i, job.rate  # nothing to predict with yet: the deadline is only enforced by the clock
         size = self.max_batch
         first = i - i % size  # where the job's chunk starts
-        start = max(now, busy_until)
-        for a in range(0, first, size):
-            start += self.batch_seconds([j.rate for j in queue[a : a + size]])
-        mates = [j.rate for j in queue[first:i]] + [j.rate for j in queue[i : first + size - 1]]
+        start = max(now, busy_until) + order.seconds_before(first // size)
+        mates = order.rates(first, first + size - 1)  # the job goes at i, among these
 
         def finish(rate: float) -> float:
             return self._finish(now, start + self.batch_seconds([*mates, rate]))

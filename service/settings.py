@@ -111,6 +111,14 @@ class Settings(BaseSettings):
     docs_path: str = "/docs"  # "" turns /docs, /redoc and /openapi.json off
     body_timeout_s: float = Field(15.0, gt=0.0, allow_inf_nan=False)  # slower bodies get 408
 
+    # connections and uploads (see service/transport.py, service/upload.py)
+    max_connections: int = Field(1000, ge=1)  # open connections; beyond: evict one waiting for headers, or 503
+    header_timeout_s: float = Field(10.0, gt=0.0, allow_inf_nan=False)  # headers later than this: closed
+    max_header_bytes: int = Field(32768, ge=1024)  # request line + headers; more: 431
+    max_headers: int = Field(100, ge=1)  # header fields; more: 431
+    upload_budget_bytes: int = Field(256 * 2**20, ge=1)  # request bodies being received at once; more: 503
+    shed_delay_ms: float = Field(100.0, ge=0.0, le=10_000.0)  # an overload 503 is held this long before it is sent
+
     # server
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535, validation_alias=AliasChoices("EVIT_PORT", "PORT"))

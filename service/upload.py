@@ -40,14 +40,38 @@ def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
 
 
-async def read_body(request: Request, max_bytes: int) -> bytes:
-    """The whole body, refusing (413) as soon as it is known to exceed ``max_bytes``."""
+class UploadBudget:
+    """Bytes of request bodies being received at once, across requests: a body that would take the total
+    over ``limit`` gets 503 (before reading when its ``Content-Length`` says so). Counted as received, so
+    slow uploads hold only what they have sent, never a share of the queue."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def check(self, size: int) -> None:
+        if self.used + size > self.limit:
+            raise ApiError(503, f"too many uploads in progress ({self.used} bytes being received); retry later",
+                           "uploads_full", {"Retry-After": "1"})
+
+    def take(self, size: int) -> None:
+        self.check(size)
+        self.used += size
+
+
+async def read_body(request: Request, max_bytes: int, budget: UploadBudget | None = None) -> bytes:
+    """The whole body, refusing (413) as soon as it is known to exceed ``max_bytes``, and (503) when it
+    does not fit in ``budget``."""
+    budget = budget or UploadBudget(max_bytes)
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise ApiError(413, f"body of {declared} bytes is over the limit of {max_bytes}", "body_too_large")
+    if declared is not None and declared.isdigit():
+        if int(declared) > max_bytes:
+            raise ApiError(413, f"body of {declared} bytes is over the limit of {max_bytes}", "body_too_large")
+        budget.check(int(declared))  # refused before reading
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
+            budget.take(len(chunk))
             size += len(chunk)
             if size > max_bytes:
                 raise ApiError(413, f"body is over the limit of {max_bytes} bytes", "body_too_large")
@@ -55,10 +79,12 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     except ClientDisconnect as e:  # an aborted upload is the client's doing, not a server error
         raise ApiError(CLIENT_GONE, "client closed the connection while sending the body",
                        "client_closed_request") from e
+    finally:
+        budget.used -= size
     return b"".join(chunks)
 
 
-async def read_image_bytes(request: Request, max_bytes: int) -> bytes:
+async def read_image_bytes(request: Request, max_bytes: int, budget: UploadBudget | None = None) -> bytes:
     """The uploaded image's bytes; 415 for a body that is declared as something other than an image."""
     kind = media_type(request)
     if kind and kind != "multipart/form-data" and (
@@ -68,7 +94,7 @@ async def read_image_bytes(request: Request, max_bytes: int) -> bytes:
             415, f"Content-Type {kind} is not accepted; send the image as the raw body (image/*) or as "
             "multipart/form-data field 'file'", "unsupported_media_type",
         )
-    body = await read_body(request, max_bytes)
+    body = await read_body(request, max_bytes, budget)
     if kind != "multipart/form-data":
         return body
     return await _multipart_file(request, body)

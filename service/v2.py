@@ -134,7 +134,8 @@ _INFER = dict(response_model=V2InferResponse, response_model_exclude_none=True,
 async def infer(model_name: str, request: Request, svc: ServiceDep, version: str = VERSION) -> Response:
     hosted = _model(svc, model_name, version)
     request.state.metric_labels = (hosted.name, None)
-    body = await read_body(request, svc.settings.max_body_bytes)
+    svc.check_room(hosted)  # admission before the body is read
+    body = await read_body(request, svc.settings.max_body_bytes, request.app.state.uploads)
     req, binary = _parse(body, request.headers.get(HEADER_LENGTH))
     params = req.parameters or {}
     ask = _ask(params, request.headers.get("x-deadline-ms"))
