@@ -243,7 +243,9 @@ def reorganize(
         return [x], [side]
     tokens = x[:, P:]  # B, n, C
     rank = cls_attn if score is None else score
-    if fusion == "nearest":  # every token in rank order: the kept ones first, then the rest
+    if fusion == "nearest" and torch.onnx.is_in_onnx_export():  # ONNX TopK orders ties by index, as stable sort
+        top_idx = rank.topk(n, dim=1, largest=True, sorted=True).indices  # B, n
+    elif fusion == "nearest":  # every token in rank order: the kept ones first, then the rest
         top_idx = rank.argsort(dim=1, descending=True, stable=True)  # B, n
     else:
         top_idx = rank.topk(k_max, dim=1, largest=True, sorted=True).indices  # B, k_max
@@ -265,8 +267,8 @@ def reorganize(
             kept = tokens[rows].gather(1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))  # b, k, C
         parts = [x[rows, :P], kept]
         if fusion == "one":
-            w = fuse_weights(cls_attn[rows], idx, normalize).to(tokens.dtype)  # b, n
-            parts.append(torch.bmm(w.unsqueeze(1), tokens[rows]))  # b, 1, C
+            w = fuse_weights(cls_attn[rows], idx, normalize)  # b, n (float32: the sum stays exact)
+            parts.append(torch.bmm(w.unsqueeze(1), tokens[rows].float()).to(tokens.dtype))  # b, 1, C
         out_x.append(torch.cat(parts, dim=1))
         out_side.append(sub_side.select(idx, fusion, merged))
     return out_x, out_side
