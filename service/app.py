@@ -117,7 +117,7 @@ def classify_response(a: Answer) -> ClassifyResponse:
     r, m = a.result, a.model
     kept = None
     if r.kept is not None:
-        stages = [KeptStage(block=b, patches=p) for b, p in zip(m.model.evit_cfg.prune_blocks, r.kept, strict=False)]
+        stages = [KeptStage(block=b, patches=p) for b, p in zip(m.runner.info.prune_blocks, r.kept, strict=False)]
         kept = KeptPatches(grid=m.grid, stages=stages)
     return ClassifyResponse(
         model=m.name,

@@ -55,8 +55,9 @@ class Batcher:
     def _scheduler(self, hosted: HostedModel) -> Scheduler:
         """Uncalibrated until warm-up (without warm-up: until the first passes are measured)."""
         s = self.settings
+        snap = None if hosted.runner.info.keep_rates is None else hosted.runner.snap
         return Scheduler(LatencyModel(z=s.latency_safety_z), hosted.gmacs, s.max_batch_size, s.batch_policy,
-                         s.auto_keep_rate_step, s.load_window_s)
+                         s.auto_keep_rate_step, s.load_window_s, snap)
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def start(self) -> None:

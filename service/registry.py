@@ -1,4 +1,4 @@
-"""The hosted models: loaded once, placed on the device, with their preprocessing and metadata."""
+"""The hosted models: loaded once, each behind a runner (``service.runners``), with its preprocessing and labels."""
 
 from __future__ import annotations
 
@@ -12,17 +12,20 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
-from timm.data import ImageNetInfo, infer_imagenet_subset, resolve_model_data_config
+from timm.data import ImageNetInfo, infer_imagenet_subset
 from torch import nn
 
 import evit
 from service.errors import ApiError
 from service.images import ImageLimits, Preprocessor, check_formats
+from service.runners.base import Runner
+from service.runners.torch import TorchRunner
 from service.settings import ASSET_CHECKPOINT, ModelSpec, Settings
 
 log = logging.getLogger("service.registry")
 
 REPORTED_RATES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)  # keep rates /models reports GMACs at
+DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 class ModelLoadError(RuntimeError):
@@ -32,10 +35,8 @@ class ModelLoadError(RuntimeError):
 @dataclass
 class HostedModel:
     spec: ModelSpec
-    model: nn.Module
+    runner: Runner
     device: torch.device
-    dtype: torch.dtype
-    data_config: dict[str, Any]
     preprocess: Preprocessor
     labels: list[str]
     ready: bool = False
@@ -46,16 +47,21 @@ class HostedModel:
         return self.spec.name
 
     @property
+    def model(self) -> nn.Module | None:
+        """The torch module behind a torch runner (tests and tools read it; the service never does)."""
+        return getattr(self.runner, "model", None)
+
+    @property
     def num_classes(self) -> int:
-        return int(self.model.num_classes)
+        return self.runner.info.num_classes
 
     @property
     def default_keep_rate(self) -> float:
-        return float(self.model.evit_cfg.keep_rate)
+        return self.runner.info.default_keep_rate
 
     @property
     def grid(self) -> tuple[int, int]:
-        return tuple(self.model.patch_embed.grid_size)  # type: ignore[return-value]
+        return self.runner.info.grid
 
     def gmacs(self, keep_rate: float) -> float:
         """GMACs per image at ``keep_rate``, memoised (the batch-formation policy asks per batch)."""
@@ -63,25 +69,26 @@ class HostedModel:
         if value is None:
             if len(self._gmacs) > 4096:
                 self._gmacs.clear()
-            value = self._gmacs[keep_rate] = self.model.cost(keep_rate).gmacs
+            value = self._gmacs[keep_rate] = self.runner.cost(keep_rate).gmacs
         return value
 
     def info(self) -> dict[str, Any]:
-        costs = {r: self.model.cost(r) for r in REPORTED_RATES}
+        info = self.runner.info
+        costs = {r: self.runner.cost(r) for r in REPORTED_RATES}
         return {
             "name": self.name,
             "architecture": self.spec.arch,
-            "input_size": tuple(self.data_config["input_size"]),
-            "num_classes": self.num_classes,
-            "num_patches": int(self.model.num_patches),
-            "prune_blocks": tuple(self.model.evit_cfg.prune_blocks),
-            "fuse": bool(self.model.evit_cfg.fuse),
-            "fusion": self.model.evit_cfg.fusion,
-            "default_keep_rate": self.default_keep_rate,
+            "input_size": info.input_size,
+            "num_classes": info.num_classes,
+            "num_patches": info.num_patches,
+            "prune_blocks": info.prune_blocks,
+            "fuse": info.fuse,
+            "fusion": info.fusion,
+            "default_keep_rate": info.default_keep_rate,
             "weights": self.spec.weights,
             "random_weights": self.spec.random_weights,
-            "device": str(self.device),
-            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": info.device,
+            "dtype": DTYPE_NAMES[info.precision],
             "ready": self.ready,
             "gmacs": {f"{r:.2f}": round(c.gmacs, 4) for r, c in costs.items()},
             "tokens": {f"{r:.2f}": c.total_tokens for r, c in costs.items()},
@@ -118,13 +125,6 @@ def resolve_device(setting: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelLoadError(f"device {setting} was asked for but CUDA is not available (use --device cpu)")
     return device
-
-
-def data_config_for(model: nn.Module) -> dict[str, Any]:
-    """timm's data config, with the input size the model was built for (its pretrained cfg may say 224)."""
-    config = dict(resolve_model_data_config(model))
-    config["input_size"] = (3, *model.patch_embed.img_size)
-    return config
 
 
 def labels_for(model: nn.Module, spec: ModelSpec) -> list[str]:
@@ -184,18 +184,18 @@ def build_model(spec: ModelSpec, seed: int) -> nn.Module:
 
 
 def host(spec: ModelSpec, settings: Settings, device: torch.device) -> HostedModel:
-    """Build one model, move it to ``device`` (float16 on CUDA when ``settings.half``), eval mode."""
+    """Build one model and its runner on ``device`` (float16 on CUDA when ``settings.half``)."""
     model = build_model(spec, settings.seed)
     dtype = torch.float16 if device.type == "cuda" and settings.half else torch.float32
-    model = model.to(device=device, dtype=dtype).eval()
-    config = data_config_for(model)
+    runner = TorchRunner(model, device, dtype, spec.arch)
     limits = ImageLimits(settings.max_image_pixels, check_formats(settings.image_formats), settings.jpeg_draft)
-    hosted = HostedModel(spec, model, device, dtype, config, Preprocessor(config, limits), labels_for(model, spec))
+    preprocess = Preprocessor(runner.data_config, limits)
+    hosted = HostedModel(spec, runner, device, preprocess, labels_for(model, spec))
     if spec.random_weights:
         log.warning("model %s serves RANDOM weights: its predictions are meaningless", spec.name,
                     extra={"model": spec.name, "random_weights": True})
     log.info("hosting %s (%s, weights %s) on %s", spec.name, spec.arch, spec.weights, device,
-             extra={"model": spec.name, "prune_blocks": list(model.evit_cfg.prune_blocks)})
+             extra={"model": spec.name, "prune_blocks": list(runner.info.prune_blocks)})
     return hosted
 
 

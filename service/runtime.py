@@ -124,7 +124,7 @@ class Service:
         ``ask``: deadline, ``keep_rate=auto`` and priority (see ``service.scheduler``); the answer's
         ``keep_rate`` is the rate the request ran at."""
         ask = ask or Ask()
-        rate = hosted.default_keep_rate if keep_rate is None else keep_rate
+        rate = hosted.runner.snap(hosted.default_keep_rate if keep_rate is None else keep_rate)
         request.state.log.update(model=hosted.name, keep_rate="auto" if ask.auto else rate, priority=ask.priority,
                                  deadline_ms=ask.deadline_ms)
         request.state.metric_labels = (hosted.name, None if ask.auto else rate)

@@ -121,16 +121,19 @@ class Scheduler:
     def __init__(
         self, latency: LatencyModel, gmacs: Callable[[float], float], max_batch: int,
         policy: str = "auto", step: float = 0.05, window: float = 2.0,
+        snap: Callable[[float], float] | None = None,
     ) -> None:
         self.latency = latency
         self.gmacs = gmacs  # per-image GMACs at a keep rate
+        self.snap = snap  # the runner's: the rate that runs for a requested one (None: any rate runs)
         self.max_batch = max_batch
         self.policy = policy
         self.step = step
         self.load = OfferedLoad(window)
 
     def grid(self, min_rate: float) -> tuple[float, ...]:
-        return rate_grid(min_rate, self.step)
+        rates = rate_grid(min_rate, self.step)
+        return rates if self.snap is None else tuple(sorted({self.snap(r) for r in rates}, reverse=True))
 
     def batch_seconds(self, rates: Sequence[float]) -> float:
         """Predicted time of one batch at these keep rates: its passes as the policy splits them, summed."""

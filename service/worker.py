@@ -1,8 +1,7 @@
 """The tensor side of batching: one thread per device runs forward passes for every model placed on it.
 
-It stages a pass's inputs (on CUDA: into a reused pinned buffer, then a non-blocking copy, in float16),
-runs ``forward_with_info`` with one keep rate per sample, and returns top-k probabilities, tokens and
-kept patches per sample. It knows tensors, never queues or HTTP.
+It hands a pass's images and per-sample keep rates to the model's runner (``service.runners``) and returns
+top-k probabilities, tokens and kept patches per sample. It knows tensors, never queues or HTTP.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from service.registry import HostedModel
 
 @dataclass(frozen=True)
 class Sample:
-    tensor: torch.Tensor  # 3, H, W (float32, from the preprocessor)
+    tensor: torch.Tensor  # C, H, W (float32, from the preprocessor)
     keep_rate: float
     top_k: int
     want_kept: bool
@@ -44,41 +43,23 @@ class DeviceWorker:
         self.device = device
         self.metrics = metrics
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"evit-{device}")
-        self._pinned: dict[str, torch.Tensor] = {}  # per model: max-batch staging buffer in pinned memory
-
-    def _stage(self, hosted: HostedModel, samples: Sequence[Sample]) -> torch.Tensor:
-        """B, 3, H, W on the model's device and dtype."""
-        tensors = [s.tensor for s in samples]
-        if self.device.type != "cuda":
-            return torch.stack(tensors).to(hosted.dtype)
-        buf = self._pinned.get(hosted.name)
-        if buf is None or buf.shape[0] < len(tensors):
-            buf = torch.empty((len(tensors), *tensors[0].shape), pin_memory=True)
-            self._pinned[hosted.name] = buf
-        staged = torch.stack(tensors, out=buf[: len(tensors)])
-        # Safe to reuse the buffer next pass: the results' .cpu() below waits for this copy to finish.
-        return staged.to(self.device, non_blocking=True).to(hosted.dtype)
 
     def forward(self, hosted: HostedModel, samples: Sequence[Sample], record: bool = True) -> list[SampleResult]:
         """One forward pass over ``samples`` (their keep rates may differ). Runs on this worker's thread."""
         start = time.perf_counter()
         want_kept = any(s.want_kept for s in samples)
         k = min(max(s.top_k for s in samples), hosted.num_classes)
-        with torch.inference_mode():
-            x = self._stage(hosted, samples)
-            out = hosted.model.forward_with_info(x, keep_rate=[s.keep_rate for s in samples], return_kept=want_kept)
-            top = out.logits.float().softmax(dim=-1).topk(k, dim=-1)
-            probs, classes = top.values.cpu(), top.indices.cpu()  # B, k
-            tokens = out.tokens.cpu()  # B
-            kept = [stage.cpu() for stage in out.kept] if want_kept and out.kept else None  # stages of B, P
+        out = hosted.runner.forward([s.tensor for s in samples], [s.keep_rate for s in samples], want_kept)
+        top = out.logits.softmax(dim=-1).topk(k, dim=-1)
+        probs, classes = top.values, top.indices  # B, k
         seconds = time.perf_counter() - start
         n = len(samples)
         results = []
         for i, s in enumerate(samples):
-            stages = [stage[i].nonzero().flatten().tolist() for stage in kept] if kept and s.want_kept else None
             results.append(SampleResult(
                 classes=classes[i, : s.top_k].tolist(), probabilities=probs[i, : s.top_k].tolist(),
-                tokens=int(tokens[i]), kept=stages, inference_s=seconds, batch_size=n,
+                tokens=out.tokens[i], kept=out.kept[i] if out.kept and s.want_kept else None,
+                inference_s=seconds, batch_size=n,
             ))
         if record and self.metrics is not None:
             self._record(hosted.name, samples, results, seconds)
@@ -98,8 +79,9 @@ class DeviceWorker:
 
     def warm_up(self, hosted: HostedModel, batch: int, repeats: int = 3) -> PassCost | None:
         """Run the first passes (allocations, kernel selection) and fit the pass cost (see ``policy``)."""
+        hosted.runner.warm_up()
         generator = torch.Generator().manual_seed(0)
-        image = torch.randn(hosted.data_config["input_size"], generator=generator)
+        image = torch.randn(hosted.runner.info.input_size, generator=generator)
 
         def timed(n: int, rates: Sequence[float]) -> float:
             samples = [Sample(image, rates[i % len(rates)], 1, False) for i in range(n)]
