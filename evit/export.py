@@ -68,7 +68,8 @@ def export_onnx(model: nn.Module, path: str | Path, keep_rate: float | None = No
     else:
         module = model
     size = model.patch_embed.proj.in_channels, *model.patch_embed.img_size
-    example = torch.zeros(2, *size)
+    param = next(module.parameters())
+    example = torch.zeros(2, *size, dtype=param.dtype, device=param.device)  # the graph's input dtype
     path.parent.mkdir(parents=True, exist_ok=True)
     with torch.inference_mode(False), torch.no_grad():
         torch.onnx.export(module.eval(), (example,), str(path), input_names=["x"], output_names=["logits"],

@@ -68,7 +68,13 @@ class Settings(BaseSettings):
 
     # runtime
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    half: bool = True  # float16 on CUDA (CPU always runs float32)
+    half: bool = True  # float16 on CUDA when no precision is given
+    # how passes run (docs/backends.md): eager torch (any keep rate, exact, per sample) or compiled graphs,
+    # one per keep-rate bucket, cached on disk
+    backend: Literal["torch", "onnxruntime", "openvino"] = "torch"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] | None = None  # None: fp16 on CUDA (half), fp32 on CPU
+    keep_rates: Annotated[tuple[float, ...] | None, NoDecode] = None  # compiled buckets; None: 0.5, 0.55, ..., 1.0
+    graph_cache_dir: Path = Path("~/.cache/evit-serve/graphs")
     torch_threads: int | None = Field(None, ge=1)
     decode_threads: int | None = Field(None, ge=1)  # None: min(4, CPU cores)
 
@@ -118,6 +124,18 @@ class Settings(BaseSettings):
     @classmethod
     def _blocks(cls, v: Any) -> Any:
         return None if v in ("", None) else _split_commas(v)
+
+    @field_validator("keep_rates", mode="before")
+    @classmethod
+    def _buckets(cls, v: Any) -> Any:
+        return None if v in ("", None) else _split_commas(v)
+
+    @field_validator("keep_rates")
+    @classmethod
+    def _bucket_range(cls, v: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if v is not None and not all(0.0 < r <= 1.0 for r in v):
+            raise ValueError(f"keep-rate buckets must be in (0, 1], got {v}")
+        return v
 
     @field_validator("metrics_path", "docs_path")
     @classmethod
@@ -200,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--options", choices=["paper", "accurate"],
         help="paper: EViT's rule (default); accurate: evit.ACCURATE, more top-1 at each keep rate's GMACs")
     add("--device", help="auto | cpu | cuda | cuda:N")
+    add("--backend", choices=["torch", "onnxruntime", "openvino"],
+        help="torch: eager, any keep rate; onnxruntime / openvino: compiled graphs per keep-rate bucket")
+    add("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+        help="auto: fp16 on CUDA, bf16 on a CPU with native bf16, else fp32 (default: fp32 on CPU, fp16 on CUDA)")
+    add("--keep-rates", metavar="R,R,...", help="compiled backends: the keep-rate buckets (default 0.5,0.55,...,1.0)")
+    add("--graph-cache-dir", type=Path, help="compiled backends: where graphs are cached across restarts")
     add("--host")
     add("--port", type=int)
     add("--max-batch-size", type=int)
@@ -230,8 +254,9 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     """Settings from the environment, with the flags given in ``argv`` taking precedence."""
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
-    if "prune_blocks" in overrides:
-        overrides["prune_blocks"] = _split_commas(overrides["prune_blocks"])
+    for key in ("prune_blocks", "keep_rates"):
+        if key in overrides:
+            overrides[key] = _split_commas(overrides[key])
     if {"model", "checkpoint", "random_weights", "prune_blocks", "keep_rate", "options"} & overrides.keys():
         overrides["models"] = None  # flat model flags replace EVIT_MODELS
     return Settings(**overrides)
