@@ -3,7 +3,7 @@
 
 Neither package is needed to import ``evit``; a missing one raises ``BackendMissing`` naming the extra to
 install. Precisions: OpenVINO runs fp32 or bf16 on a CPU (its ``INFERENCE_PRECISION_HINT``; bf16 only where
-the CPU has it) and fp32/fp16 on a GPU; ONNX Runtime runs the graph's own dtype: fp32 on a CPU, fp32 or
+the CPU has it); ONNX Runtime runs the graph's own dtype: fp32 on a CPU, fp32 or
 fp16 (a graph exported in fp16) on CUDA, with the TensorRT provider first where it is installed.
 """
 
@@ -81,18 +81,19 @@ def _onnxruntime(path: Path, precision: str, device: str, threads: int | None, c
 
 def _openvino(path: Path, precision: str, device: str, threads: int | None, cache_dir: Path | None) -> GraphFn:
     ov = import_backend("openvino")
+    if device != "cpu":
+        raise ValueError(f"the openvino backend runs on a CPU, not {device}: on CUDA use onnxruntime or torch")
     core = ov.Core()
-    target = "GPU" if device.startswith("cuda") else "CPU"
-    if target == "CPU" and precision == "fp16":
+    if precision == "fp16":
         raise ValueError("openvino on a CPU runs fp32 or bf16, not fp16")
-    if target == "CPU" and precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+    if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
         raise ValueError("this CPU has no native bf16: openvino would emulate it; use --precision fp32")
     config = {"INFERENCE_PRECISION_HINT": _OV_PRECISION[precision], "PERFORMANCE_HINT": "LATENCY"}
-    if threads and target == "CPU":
+    if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     if cache_dir is not None:
         config["CACHE_DIR"] = str(cache_dir)  # compiled kernels: a restart skips compilation
-    compiled = core.compile_model(core.read_model(str(path)), target, config)
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
     request = compiled.create_infer_request()
 
     def run(x: np.ndarray) -> np.ndarray:

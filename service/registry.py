@@ -193,7 +193,7 @@ def host(spec: ModelSpec, settings: Settings, device: torch.device) -> HostedMod
     try:
         precision = runner_precision(settings.precision, device, settings.half)
         runner = build_runner(model, device, settings.backend, precision, spec.arch, settings.keep_rates,
-                              settings.graph_cache_dir, settings.torch_threads)
+                              settings.graph_cache_dir, settings.torch_threads, settings.cuda_graphs)
     except (BackendMissing, ValueError) as e:
         raise ModelLoadError(f"model {spec.name!r}, backend {settings.backend}: {e}") from e
     limits = ImageLimits(settings.max_image_pixels, check_formats(settings.image_formats), settings.jpeg_draft)

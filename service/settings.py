@@ -71,10 +71,11 @@ class Settings(BaseSettings):
     half: bool = True  # float16 on CUDA when no precision is given
     # how passes run (docs/backends.md): eager torch (any keep rate, exact, per sample) or compiled graphs,
     # one per keep-rate bucket, cached on disk
-    backend: Literal["torch", "onnxruntime", "openvino"] = "torch"
+    backend: Literal["torch", "onnxruntime", "openvino", "auto"] = "torch"  # auto: openvino on a CPU, else torch
     precision: Literal["auto", "fp32", "bf16", "fp16"] | None = None  # None: fp16 on CUDA (half), fp32 on CPU
     keep_rates: Annotated[tuple[float, ...] | None, NoDecode] = None  # compiled buckets; None: 0.5, 0.55, ..., 1.0
     graph_cache_dir: Path = Path("~/.cache/evit-serve/graphs")
+    cuda_graphs: bool = False  # torch backend on CUDA: replay captured graphs for uniform-rate passes
     torch_threads: int | None = Field(None, ge=1)
     decode_threads: int | None = Field(None, ge=1)  # None: min(4, CPU cores)
 
@@ -218,12 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
     add("--options", choices=["paper", "accurate"],
         help="paper: EViT's rule (default); accurate: evit.ACCURATE, more top-1 at each keep rate's GMACs")
     add("--device", help="auto | cpu | cuda | cuda:N")
-    add("--backend", choices=["torch", "onnxruntime", "openvino"],
-        help="torch: eager, any keep rate; onnxruntime / openvino: compiled graphs per keep-rate bucket")
+    add("--backend", choices=["torch", "onnxruntime", "openvino", "auto"],
+        help="torch: eager, any keep rate (default); onnxruntime / openvino: compiled graphs per keep-rate bucket; "
+        "auto: openvino on a CPU where installed, else torch (what make serve uses)")
     add("--precision", choices=["auto", "fp32", "bf16", "fp16"],
         help="auto: fp16 on CUDA, bf16 on a CPU with native bf16, else fp32 (default: fp32 on CPU, fp16 on CUDA)")
     add("--keep-rates", metavar="R,R,...", help="compiled backends: the keep-rate buckets (default 0.5,0.55,...,1.0)")
     add("--graph-cache-dir", type=Path, help="compiled backends: where graphs are cached across restarts")
+    add("--cuda-graphs", action="store_true", default=None,
+        help="torch backend on CUDA: replay CUDA graphs for passes whose samples share a keep rate")
     add("--host")
     add("--port", type=int)
     add("--max-batch-size", type=int)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,10 +24,25 @@ def runner_precision(precision: str | None, device: torch.device, half: bool = T
     return precision_name(resolve_precision(precision, device))
 
 
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """``auto``: OpenVINO on a CPU where it is installed (the fastest measured here, docs/backends.md), else
+    eager torch (on CUDA: fp16 eager; onnxruntime with TensorRT is one flag away)."""
+    if backend != "auto":
+        return backend
+    if device.type == "cpu" and importlib.util.find_spec("openvino") is not None:
+        return "openvino"
+    return "torch"
+
+
 def build_runner(model: nn.Module, device: torch.device, backend: str, precision: str, name: str = "",
                  keep_rates: Sequence[float] | None = None, cache_dir: str | Path = "",
-                 threads: int | None = None) -> Runner:
+                 threads: int | None = None, cuda_graphs: bool = False) -> Runner:
     """A runner for ``model``; a compiled backend whose package is missing raises ``evit.backends.BackendMissing``."""
+    backend = resolve_backend(backend, device)
+    if backend == "torch" and cuda_graphs:
+        from service.runners.cudagraph import CudaGraphRunner
+
+        return CudaGraphRunner(model, device, resolve_precision(precision, device), name)
     if backend == "torch":
         return TorchRunner(model, device, resolve_precision(precision, device), name)
     if backend == "onnxruntime":
