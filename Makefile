@@ -19,10 +19,10 @@ install: $(STAMP)
 tools: $(STAMP)
 	bash docker/ci-tools.sh $(VENV)
 
-## How `make serve` runs passes (docs/backends.md): OpenVINO graphs, one per keep-rate bucket (cached in
-## ~/.cache/evit-serve/graphs), in bf16 on a CPU with native bf16, else fp32; eager fp16 torch on CUDA.
-## Eager fp32, any keep rate: make serve BACKEND_ARGS="--backend torch"
-BACKEND_ARGS ?= --backend auto --precision auto
+## How `make serve` runs passes (docs/backends.md): on a CPU, OpenVINO fp32 graphs, one per keep-rate bucket
+## (cached in ~/.cache/evit-serve/graphs); eager fp16 torch on CUDA. Eager fp32, any exact keep rate:
+## make serve BACKEND_ARGS="--backend torch"; bf16 (faster, outside the accuracy bounds): BACKEND_ARGS="--backend auto --precision auto"
+BACKEND_ARGS ?= --backend auto
 
 ## Serve the default model (DeiT-S, timm hub weights) on 127.0.0.1:8000.
 serve: $(STAMP)

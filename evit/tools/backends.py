@@ -56,8 +56,9 @@ def top1(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int
 
 
 def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, combos: list[str], rates: list[float],
-        option_sets: list[str]) -> list[dict]:
-    """One row per option set, keep rate and ``backend:precision`` (eager fp32 is the reference)."""
+        option_sets: list[str], progress: Callable[[dict], None] | None = None) -> list[dict]:
+    """One row per option set, keep rate and ``backend:precision`` (eager fp32 is the reference); ``progress``
+    gets each row as it is measured."""
     rows = []
     for name in option_sets:
         evit.apply_patch(model, **OPTION_SETS[name])
@@ -74,6 +75,8 @@ def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, combos: list[str], r
                         "delta": round(100 * ((pred == y).float().mean() - (ref == y).float().mean()).item(), 2),
                         "agreement": round(100 * (pred == ref).float().mean().item(), 2),
                     })
+                    if progress:
+                        progress(rows[-1])
     return rows
 
 
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     model = evit.create_model(args.model, checkpoint_path=args.checkpoint).eval()
     x, y = load_images(args.images, model, args.limit)
     rows = run(model, x, y, args.combos.split(","), [float(r) for r in args.keep_rates.split(",")],
-               args.options.split(","))
+               args.options.split(","), progress=lambda row: print(json.dumps(row), flush=True))
     print(format_table(rows))
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2))
