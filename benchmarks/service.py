@@ -6,7 +6,7 @@ latency at low load against the raw single-image time; ``/healthz`` latency whil
 and the batch-formation policies (auto / mixed / grouped) on a mixed keep-rate workload. With ``--backend`` /
 ``--precision`` (e.g. ``--backend openvino --precision auto``) a server on that backend is loaded the same way
 in every round and compared with the eager fp32 service: throughput ratio and p50/p99 latency of each
-(``--backend-only`` runs just these two).
+(phase ``fast``; ``--backend-only`` runs just these two).
 
 All servers start first and stay up; the phases then run interleaved, round after round, and each phase
 reports its median round (the low-load comparison alternates one raw image and one request). On a CPU that
@@ -141,7 +141,7 @@ def backend_flags(args: argparse.Namespace) -> dict[str, object]:
 def server_set(args: argparse.Namespace) -> dict[str, dict[str, object]]:
     servers = {"batched": {}} if args.backend_only else dict(SERVERS)
     if args.backend != "torch" or args.precision not in ("fp32", None):
-        servers["backend"] = backend_flags(args)
+        servers["fast"] = backend_flags(args)
     return servers
 
 
@@ -161,8 +161,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "raw": lambda: raw.saturate(images, sec),
             "service": lambda: saturate(url["batched"], images, clients, sec, rate, health),
         }
-        if "backend" in url:
-            phases["backend"] = lambda: saturate(url["backend"], images, clients, sec, rate)
+        if "fast" in url:
+            phases["fast"] = lambda: saturate(url["fast"], images, clients, sec, rate)
         if not args.backend_only:
             phases.update({
                 "batching_off": lambda: saturate(url["unbatched"], images, clients, sec, rate),
@@ -191,7 +191,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_backend(report: dict[str, Any]) -> None:
     """The compared backend against the eager fp32 service: throughput ratio, p50/p99 of each."""
-    svc, fast = report["service"], report["backend"]
+    svc, fast = report["service"], report["fast"]
     key = f"{report['keep_rate']:.2f}"
     report["ratios"]["backend_over_eager_fp32_service"] = ratio = fast["throughput"] / svc["throughput"]
     for name, r in (("eager fp32 service", svc), (f"{report['backend']} {report['precision']}", fast)):
@@ -210,7 +210,7 @@ def print_report(report: dict[str, Any]) -> None:
           f"{report['clients']} clients, median of {report['rounds']} interleaved rounds")
     print(f"raw pipeline       {raw['throughput']:8.1f} img/s")
     print(f"service saturated  {svc['throughput']:8.1f} img/s   x{ratios['service_over_raw']:.3f} of raw (goal >= 0.9)")
-    if "backend" in report:
+    if "fast" in report:
         print_backend(report)
     if "batching_off" not in report:
         return

@@ -114,3 +114,18 @@ async def test_service_snaps_to_a_bucket_and_reports_it(backend, serve, tiny_set
         body = r.json()
         runner = app.state.service.registry.get("tiny").runner
         assert body["keep_rate"] == 0.7 and body["tokens"] == runner.cost(0.7).total_tokens
+
+
+def test_backend_settings_from_flags_and_env(monkeypatch) -> None:
+    from pydantic import ValidationError
+
+    from service.settings import parse_settings
+
+    monkeypatch.setenv("EVIT_BACKEND", "openvino")
+    monkeypatch.setenv("EVIT_KEEP_RATES", "0.5,0.7")
+    s = parse_settings([])
+    assert (s.backend, s.precision, s.keep_rates) == ("openvino", None, (0.5, 0.7))
+    s = parse_settings(["--backend", "auto", "--precision", "bf16", "--keep-rates", "0.6,1.0"])
+    assert (s.backend, s.precision, s.keep_rates) == ("auto", "bf16", (0.6, 1.0))
+    with pytest.raises(ValidationError, match="keep-rate buckets"):
+        parse_settings(["--keep-rates", "0,1.0"])
