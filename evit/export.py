@@ -35,12 +35,15 @@ class FixedRate(nn.Module):
         cfg, P = model.evit_cfg, model.num_prefix_tokens
         self._plan = model.block_rates(self.keep_rate)  # keep rate per block
         pruned = _pruning_blocks(model.num_patches, P, self._plan, cfg.fusion)
+        self._plain = not pruned  # nothing is pruned (keep 1.0): timm's own forward, timm's own graph
         if cfg.ranking == "cumulative" and pruned:
             pruned = set(range(max(pruned) + 1))
         self._need_cls = pruned
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # B, 3, H, W -> B, classes
         m, r = self.model, self.keep_rate
+        if self._plain:
+            return super(EViTMixin, m).forward(x)
         cfg, P = m.evit_cfg, m.num_prefix_tokens
         x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))  # B, N, C
         B, N = x.shape[0], P + m.num_patches  # B traced (a dynamic axis of the graph), N a constant

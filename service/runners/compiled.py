@@ -3,9 +3,10 @@
 A compiled graph runs one fixed keep rate (``evit.export``), so a runner holds one per bucket
 (``RunnerInfo.keep_rates``): a request's rate snaps to a bucket (``snap``), and a pass that mixes rates runs
 each rate's graph on its samples (the batcher already splits such batches by rate). Graphs are exported at
-warm-up into ``cache_dir``, keyed by the weights, the options, the rate, the precision and the backend and
-torch versions, so a restart loads them instead of exporting again. A request that wants the kept patches
-(visualization) runs the eager float32 model at the same snapped rate: the graphs only return logits.
+warm-up into ``cache_dir``, keyed by the weights, the options, the rate, the precision, the backend and
+torch versions and the library code that traces them, so a restart loads them instead of exporting again.
+A request that wants the kept patches (visualization) runs the eager float32 model at the same snapped
+rate: the graphs only return logits.
 """
 
 from __future__ import annotations
@@ -30,6 +31,20 @@ from service.runners.base import RunnerInfo, RunnerOutput, snap_to
 log = logging.getLogger("service.runners")
 
 DEFAULT_BUCKETS = tuple(round(0.5 + 0.05 * i, 2) for i in range(11))  # 0.5, 0.55, ..., 1.0
+
+
+def code_digest() -> str:
+    """sha256 of the library modules a graph is traced from: a changed forward invalidates cached graphs."""
+    import evit.blocks
+    import evit.export
+    import evit.merge
+    import evit.patch
+    import evit.reorganize
+
+    h = hashlib.sha256()
+    for module in (evit.blocks, evit.export, evit.merge, evit.patch, evit.reorganize):
+        h.update(Path(module.__file__).read_bytes())
+    return h.hexdigest()
 
 
 def weights_digest(model: nn.Module) -> str:
@@ -89,6 +104,7 @@ class CompiledRunner:
                 "options": repr(cfg.__class__(**{**cfg.__dict__, "keep_rate": 1.0})),
                 "input": list(self.info.input_size), "precision": self.precision, "device": self.device.type,
                 "backend": backend_version(self.backend), "torch": torch.__version__, "opset": OPSET,
+                "code": code_digest(),
             }
         text = json.dumps({**self._key_base, "rate": rate}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:32]
