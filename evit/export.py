@@ -42,8 +42,9 @@ class FixedRate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # B, 3, H, W -> B, classes
         m, r = self.model, self.keep_rate
-        if self._plain:
-            return super(EViTMixin, m).forward(x)
+        if self._plain:  # timm's forward_features body with timm's own blocks, whatever the patch overrides
+            x = m.norm(m.blocks(m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))))  # B, N, C
+            return m.forward_head(x)
         cfg, P = m.evit_cfg, m.num_prefix_tokens
         x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))  # B, N, C
         B, N = x.shape[0], P + m.num_patches  # B traced (a dynamic axis of the graph), N a constant
