@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -30,9 +31,10 @@ import httpx
 import torch
 
 from benchmarks.servers import ROOT, saturate, start_server, stop_server, wait_ready
+from service.job import Job
 from service.registry import host, resolve_device
 from service.settings import ASSET_CHECKPOINT, ModelSpec, Settings
-from service.worker import DeviceWorker, Sample
+from service.worker import DeviceWorker
 
 ASSET_IMAGES = ROOT / "../shared/assets/imagenet-sample"
 MIXED_RATES = [0.5, 0.7, 1.0]
@@ -71,13 +73,13 @@ class RawPipeline:
 
     def __init__(self, spec: ModelSpec, batch: int, keep_rate: float) -> None:
         self.hosted = host(spec, Settings(models=[spec], device="cpu"), resolve_device("cpu"))
-        self.worker = DeviceWorker(self.hosted.device, None)
+        self.worker = DeviceWorker(self.hosted.device)
         self.worker.executor.submit(self.worker.warm_up, self.hosted, min(batch, 8), 1).result()
         self.batch, self.keep_rate = batch, keep_rate
 
     def _run(self, chunk: list[bytes]) -> None:
-        samples = [Sample(self.hosted.preprocess(b), self.keep_rate, 5, False) for b in chunk]
-        self.worker.forward(self.hosted, samples, record=False)
+        samples = [Job(self.keep_rate, math.inf, tensor=self.hosted.preprocess(b), top_k=5) for b in chunk]
+        self.worker.forward(self.hosted, samples)
 
     def run(self, chunk: list[bytes]) -> None:
         self.worker.executor.submit(self._run, chunk).result()

@@ -18,6 +18,7 @@ from torch import nn
 
 from evit.reorganize import (
     Group,
+    ReorgOptions,
     Side,
     class_attention,
     merge_adjacent,
@@ -28,7 +29,7 @@ from evit.reorganize import (
 )
 
 if TYPE_CHECKING:
-    from evit.patch import EViTConfig
+    from evit.config import EViTConfig
 
 
 @dataclass
@@ -146,6 +147,7 @@ def _reorganize(
 ) -> Packed:
     """One pruning stage over every group; returns the new packed tokens, groups and token state."""
     P = num_prefix_tokens
+    options = ReorgOptions(cfg.fusion, cfg.fuse_weight == "mean", P)
     new_x, new_groups, new_sides = [], [], []
     for g, view, cls, side in zip(packed.groups, group_views(x, packed.groups), cls_rows, packed.sides, strict=True):
         if cls is None:  # every sample of this group keeps all its tokens
@@ -158,7 +160,7 @@ def _reorganize(
         subs = split_group(g, P, cfg.fusion, stage)
         runs = [(s.start - g.start, s.size, k) for s, k in subs]
         score = side.scores if cfg.ranking == "cumulative" else None
-        xs, parts = reorganize(view, cls[:, P:], runs, P, cfg.fusion, side, score, cfg.fuse_weight == "mean")
+        xs, parts = reorganize(cls[:, P:], runs, options, score)(view, side)
         new_x += xs
         new_sides += parts
         new_groups += [s for s, _ in subs]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from evit.reorganize import check_fusion, extra_token, keep_count
+from evit.config import check_fusion, extra_token, keep_count
 
 
 @dataclass(frozen=True)

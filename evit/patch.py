@@ -10,56 +10,25 @@ runs them on packed tokens.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from evit.blocks import Packed, Tracker, group_views, run_block
+from evit.config import FUSE_INTO, FUSE_WEIGHTS, RANKINGS, EViTConfig, Schedule, check_keep_rate
 from evit.cost import Cost, CostSpec, model_cost, rate_tokens
-from evit.reorganize import Side, check_choice, plan_groups
-from evit.schedule import Plan, Schedule, block_rates, default_prune_blocks, plan_for_gmacs, preset
+from evit.reorganize import Group, Side, plan_groups
+from evit.schedule import Plan, block_rates, default_prune_blocks, plan_for_gmacs, preset
 
 KeepRate = float | Sequence[float] | torch.Tensor | None
 
-__all__ = ["EViTConfig", "EViTMixin", "EViTOutput", "apply_patch", "default_prune_blocks", "resolve_keep_rates"]
+__all__ = ["FUSE_INTO", "FUSE_WEIGHTS", "RANKINGS", "EViTConfig", "EViTMixin", "EViTOutput", "apply_patch",
+           "default_prune_blocks", "resolve_keep_rates"]
 
 _BLOCK_PARTS = ("norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2")
 _ATTN_PARTS = ("qkv", "q_norm", "k_norm", "proj", "num_heads", "head_dim", "scale")
-
-
-FUSE_WEIGHTS = ("attention", "mean")
-FUSE_INTO = ("one", "nearest")
-RANKINGS = ("block", "cumulative")
-
-
-@dataclass(frozen=True)
-class EViTConfig:
-    """Everything that decides what an EViT forward does besides the weights; defaults are the paper's rule."""
-
-    prune_blocks: tuple[int, ...]  # 0-based indices into model.blocks (DeiT-S: 3, 6, 9)
-    fuse: bool = True  # fuse inattentive tokens into one (False: drop them, the paper's ablation)
-    keep_rate: float = 1.0  # default keep rate when a call gives none
-    fuse_weight: str = "attention"  # "attention": sum weighted by class attention (official); "mean": weighted mean
-    fuse_into: str = "one"  # "one": one extra token (official); "nearest": each into its most similar kept token
-    size_attn: bool = False  # proportional attention: log(patches a token stands for) added to its logits
-    ranking: str = "block"  # "block": the pruning block's class attention; "cumulative": summed since block 0
-    schedule: Schedule = field(default_factory=Schedule)  # how a keep rate is split over prune_blocks
-
-    def __post_init__(self) -> None:
-        for name, choices in (("fuse_weight", FUSE_WEIGHTS), ("fuse_into", FUSE_INTO), ("ranking", RANKINGS)):
-            check_choice(name, getattr(self, name), choices)
-        weights = self.schedule.weights
-        if weights is not None and (len(weights) != len(self.prune_blocks) or any(w < 0 for w in weights)):
-            raise ValueError(
-                f"schedule weights {weights} must be one non-negative number per pruning block {self.prune_blocks}"
-            )
-
-
-    @property
-    def fusion(self) -> str:
-        """What becomes of the tokens not kept (``evit.reorganize.FUSIONS``): "one", "nearest" or "drop"."""
-        return self.fuse_into if self.fuse else "drop"
 
 
 @dataclass
@@ -83,10 +52,18 @@ def resolve_keep_rates(keep_rate: KeepRate, batch_size: int, default: float) -> 
                 f"({batch_size}), got shape {tuple(t.shape)}"
             )
         rates = t.tolist()
-    bad = [r for r in rates if not (0.0 < r <= 1.0)]  # NaN fails too
-    if bad:
-        raise ValueError(f"keep_rate must be in (0, 1], got {bad[0]}")
-    return rates
+    return [check_keep_rate(r) for r in rates]
+
+
+@dataclass
+class _Tokens:
+    """A forward's final tokens, samples in keep-rate order."""
+
+    x: torch.Tensor  # T, C: packed by group, after the final norm
+    groups: list[Group]
+    perm: torch.Tensor | None  # keep-rate order -> batch position (None: already in batch order)
+    tokens: torch.Tensor  # B: tokens the blocks processed per sample (keep-rate order)
+    kept: list[torch.Tensor] | None  # per stage, B, num_patches (keep-rate order)
 
 
 class EViTMixin:
@@ -106,9 +83,52 @@ class EViTMixin:
     ) -> EViTOutput:
         """Logits, tokens processed per sample and, if asked, which patches each stage kept.
 
-        x: B, 3, H, W. keep_rate: a float, or one rate per sample (samples with different rates share the
+        x: B, C, H, W. keep_rate: a float, or one rate per sample (samples with different rates share the
         batch; each gets the logits it would get alone).
         """
+        run = self._forward_tokens(x, keep_rate, return_kept)
+        logits = torch.cat([self.forward_head(v) for v in group_views(run.x, run.groups)])  # B, classes (sorted)
+        tokens, kept = run.tokens, run.kept
+        if run.perm is not None:
+            inv = torch.argsort(run.perm)
+            logits = logits.index_select(0, inv)
+            tokens = tokens.index_select(0, inv.cpu())
+            kept = [k.index_select(0, inv) for k in kept] if kept else kept
+        return EViTOutput(logits=logits, tokens=tokens, kept=kept)
+
+    def forward_features(self, x: torch.Tensor, keep_rate: KeepRate = None) -> torch.Tensor:
+        """timm's ``forward_features`` with pruning: the final (normed) tokens, B, N', C, at ``keep_rate``
+        (default: the model's), so ``forward_head(forward_features(x, r))`` equals ``forward(x, r)``.
+
+        Every sample must end with the same number of tokens (one keep rate for the batch, or rates that
+        keep equal counts); otherwise a ValueError: use ``forward_with_info`` for mixed rates."""
+        run = self._forward_tokens(x, keep_rate, False)
+        if len(run.groups) != 1:
+            counts = sorted({g.tokens for g in run.groups})
+            raise ValueError(f"forward_features returns one B, N, C tensor, but these keep rates leave samples "
+                             f"with {counts} tokens; call it per keep rate, or use forward_with_info")
+        g = run.groups[0]
+        feats = run.x.view(g.size, g.tokens, -1)  # B, N', C
+        return feats if run.perm is None else feats.index_select(0, torch.argsort(run.perm))
+
+    def forward_intermediates(self, x: torch.Tensor, *args: Any, keep_rate: KeepRate = None,
+                              **kwargs: Any) -> Any:
+        """timm's ``forward_intermediates``, only where EViT prunes nothing (e.g. ``keep_rate=1.0``): its
+        intermediates are spatial maps of every patch, which pruned blocks no longer have. Raises otherwise."""
+        rates = set(resolve_keep_rates(keep_rate, x.shape[0], self.evit_cfg.keep_rate))
+        spec = CostSpec.from_model(self)
+        pruning = sorted(r for r in rates
+                         if _pruning_blocks(self.num_patches, self.num_prefix_tokens, self.block_rates(r, spec),
+                                            self.evit_cfg.fusion))
+        if pruning:
+            raise NotImplementedError(
+                f"forward_intermediates of an EViT model cannot prune (timm's intermediates are maps of every "
+                f"patch), and keep rate {pruning[0]} prunes; pass keep_rate=1.0 for the unpruned model, or use "
+                "forward_with_info(x, keep_rate, return_kept=True) / forward_features(x, keep_rate)")
+        return super().forward_intermediates(x, *args, **kwargs)  # type: ignore[misc]
+
+    def _forward_tokens(self, x: torch.Tensor, keep_rate: KeepRate, return_kept: bool) -> _Tokens:
+        """The blocks with reorganization at the pruning blocks, then the final norm; samples in keep-rate order."""
         cfg, P = self.evit_cfg, self.num_prefix_tokens
         B = x.shape[0]
         rates = resolve_keep_rates(keep_rate, B, cfg.keep_rate)
@@ -139,16 +159,8 @@ class EViTMixin:
             stage = {r: plan[r][i] for r in uniq_rates}
             need = [any(i in pruned[r] for r, _ in g.rates) for g in packed.groups]
             packed = run_block(blk, packed, i in cfg.prune_blocks, stage, need, P, cfg, tracker)
-        x = self.norm(packed.x)
-        logits = torch.cat([self.forward_head(v) for v in group_views(x, packed.groups)])  # B, classes (sorted)
         per_sample = torch.tensor([tokens[r] for r in uniq_rates]).repeat_interleave(counts)
-        kept = tracker.kept if tracker else None
-        if perm is not None:
-            inv = torch.argsort(perm)
-            logits = logits.index_select(0, inv)
-            per_sample = per_sample.index_select(0, inv.cpu())
-            kept = [k.index_select(0, inv) for k in kept] if kept else kept
-        return EViTOutput(logits=logits, tokens=per_sample, kept=kept)
+        return _Tokens(self.norm(packed.x), packed.groups, perm, per_sample, tracker.kept if tracker else None)
 
     def block_rates(self, keep_rate: float | None = None, spec: CostSpec | None = None) -> tuple[float, ...]:
         """The keep rate of every block (1.0 where it does not prune) for a requested keep rate.

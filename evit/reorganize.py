@@ -20,18 +20,20 @@ Token-wise layers run on the packed tensor; attention runs once per group (per d
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from evit.config import FUSIONS, check_choice, check_fusion, extra_token, keep_count
 from evit.merge import merge_nearest
 
 __all__ = [
     "FUSIONS",
     "Group",
+    "ReorgOptions",
+    "Reorganize",
     "Side",
     "check_choice",
     "check_fusion",
@@ -48,36 +50,6 @@ __all__ = [
 ]
 
 StageRates = dict[float, float] | None  # requested keep rate -> this block's keep rate (None: the same)
-
-# What becomes of the tokens a pruning block does not keep: "one" extra token (the paper), merged into their
-# "nearest" kept token, or "drop"ped. Only "one" adds a token.
-FUSIONS = ("one", "nearest", "drop")
-
-
-def check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
-    """``value`` if it is one of ``choices``, else a ValueError naming the option."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value
-
-
-def check_fusion(fusion: str) -> str:
-    return check_choice("fusion", fusion, FUSIONS)
-
-
-def extra_token(fusion: str, kept: int, n: int) -> int:
-    """1 if the reorganization of ``n`` tokens keeping ``kept`` adds a fused token, else 0."""
-    return 1 if check_fusion(fusion) == "one" and kept < n else 0
-
-
-def keep_count(keep_rate: float, n: int) -> int:
-    """Tokens kept out of ``n``: ``ceil(keep_rate * n)``, at least 1.
-
-    Rounded to 9 decimals first so that float noise (``0.7 * 10 = 7.000000000000001``) cannot keep an
-    extra token; for the paper's 196-patch models this equals the official ``math.ceil``.
-    """
-    return max(1, min(n, math.ceil(round(keep_rate * n, 9))))
-
 
 @dataclass(frozen=True)
 class Group:
@@ -214,64 +186,83 @@ class Side:
         return Side(ids(self.ids), summed(self.sizes), summed(self.scores))
 
 
+@dataclass(frozen=True)
+class ReorgOptions:
+    """How a pruning block reorganizes tokens (``EViTConfig``'s ``fusion`` and ``fuse_weight``)."""
+
+    fusion: str = "one"  # FUSIONS: what becomes of the tokens not kept
+    normalize: bool = False  # fusion "one": the attention-weighted mean instead of the weighted sum
+    num_prefix_tokens: int = 1  # class (and distillation / register) tokens: never ranked, always kept
+
+    def __post_init__(self) -> None:
+        check_fusion(self.fusion)
+
+
+Reorganize = Callable[[torch.Tensor, "Side | None"], tuple[list[torch.Tensor], list["Side"]]]
+
+
 def reorganize(
-    x: torch.Tensor,
     cls_attn: torch.Tensor,
     subgroups: Sequence[tuple[int, int, int]],
-    num_prefix_tokens: int,
-    fusion: str,
-    side: Side | None = None,
+    options: ReorgOptions,
     score: torch.Tensor | None = None,
-    normalize: bool = False,
-) -> tuple[list[torch.Tensor], list[Side]]:
-    """Keep the highest-scoring tokens of each sample; fuse the rest (``fusion``: ``FUSIONS``).
+) -> Reorganize:
+    """Decide which tokens each sample keeps; returns the step that applies it: ``apply(x, side)``.
 
-    x: B, N, C tokens of one group (prefix tokens first); cls_attn: B, N - P class attention to the
-    non-prefix tokens (fusion "one"'s weights); score: B, N - P ranking (default: ``cls_attn``); subgroups:
-    ``(start, size, k)`` runs of samples with ``k`` tokens to keep (ascending ``k``); side: the tokens'
-    per-token state (fusion "nearest" weighs tokens by ``side.sizes``); normalize: fuse into the weighted
-    mean instead of the weighted sum. Returns, per subgroup, its new tokens ``size, P + k (+1), C`` and
-    their state.
+    cls_attn: B, N - P class attention to the non-prefix tokens (fusion "one"'s weights); score: B, N - P
+    ranking (default: ``cls_attn``); subgroups: ``(start, size, k)`` runs of samples with ``k`` tokens to
+    keep (ascending ``k``). ``apply(x, side)``: x, B, N, C tokens of one group (prefix tokens first); side,
+    the tokens' per-token state (fusion "nearest" weighs tokens by ``side.sizes``). It returns, per
+    subgroup, the new tokens ``size, P + k (+1), C`` and their state.
     """
-    P = num_prefix_tokens
-    side = side or Side()
-    n = x.shape[1] - P
-    if check_fusion(fusion) == "nearest" and side.sizes is None:  # merged tokens must remember their size
-        side = Side(side.ids, x.new_ones(x.shape[0], n, dtype=torch.float32), side.scores)
+    fusion, n = options.fusion, cls_attn.shape[1]
     k_max = max(k for _, _, k in subgroups)
-    if k_max >= n and len(subgroups) == 1:  # nothing to prune in this group
-        return [x], [side]
-    tokens = x[:, P:]  # B, n, C
     rank = cls_attn if score is None else score
-    if fusion == "nearest" and torch.onnx.is_in_onnx_export():  # ONNX TopK orders ties by index, as stable sort
-        top_idx = rank.topk(n, dim=1, largest=True, sorted=True).indices  # B, n
-    elif fusion == "nearest":  # every token in rank order: the kept ones first, then the rest
-        top_idx = rank.argsort(dim=1, descending=True, stable=True)  # B, n
-    else:
-        top_idx = rank.topk(k_max, dim=1, largest=True, sorted=True).indices  # B, k_max
-    out_x: list[torch.Tensor] = []
-    out_side: list[Side] = []
-    for start, size, k in subgroups:
-        rows = slice(start, start + size)
-        if k >= n:  # keep rate 1 (or rounding): unchanged
-            out_x.append(x[rows])
-            out_side.append(side.rows(rows))
-            continue
-        idx = top_idx[rows, :k]  # b, k
-        sub_side, merged = side.rows(rows), None
-        if fusion == "nearest":
-            rest = top_idx[rows, k:]  # b, n - k
-            kept, dst = merge_nearest(tokens[rows], sub_side.sizes, idx, rest)
-            merged = (rest, dst)
+    top_idx = None  # nothing to prune in this group
+    if not (k_max >= n and len(subgroups) == 1):
+        if fusion == "nearest" and torch.onnx.is_in_onnx_export():  # ONNX TopK orders ties by index, as stable
+            top_idx = rank.topk(n, dim=1, largest=True, sorted=True).indices  # B, n
+        elif fusion == "nearest":  # every token in rank order: the kept ones first, then the rest
+            top_idx = rank.argsort(dim=1, descending=True, stable=True)  # B, n
         else:
-            kept = tokens[rows].gather(1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))  # b, k, C
-        parts = [x[rows, :P], kept]
-        if fusion == "one":
-            w = fuse_weights(cls_attn[rows], idx, normalize)  # b, n (float32: the sum stays exact)
-            parts.append(torch.bmm(w.unsqueeze(1), tokens[rows].float()).to(tokens.dtype))  # b, 1, C
-        out_x.append(torch.cat(parts, dim=1))
-        out_side.append(sub_side.select(idx, fusion, merged))
-    return out_x, out_side
+            top_idx = rank.topk(k_max, dim=1, largest=True, sorted=True).indices  # B, k_max
+
+    def apply(x: torch.Tensor, side: Side | None = None) -> tuple[list[torch.Tensor], list[Side]]:
+        side = side or Side()
+        if fusion == "nearest" and side.sizes is None:  # merged tokens must remember their size
+            side = Side(side.ids, x.new_ones(x.shape[0], n, dtype=torch.float32), side.scores)
+        if top_idx is None:
+            return [x], [side]
+        out_x: list[torch.Tensor] = []
+        out_side: list[Side] = []
+        for start, size, k in subgroups:
+            rows = slice(start, start + size)
+            xs, sub = (x[rows], side.rows(rows)) if k >= n else _keep(x[rows], side.rows(rows), cls_attn[rows],
+                                                                       top_idx[rows], k, options)
+            out_x.append(xs)
+            out_side.append(sub)
+        return out_x, out_side
+
+    return apply
+
+
+def _keep(x: torch.Tensor, side: Side, cls_attn: torch.Tensor, order: torch.Tensor, k: int,
+          options: ReorgOptions) -> tuple[torch.Tensor, Side]:
+    """One subgroup's new tokens (x: b, N, C; order: b, >= k token indices, best first) and their state."""
+    P, fusion = options.num_prefix_tokens, options.fusion
+    tokens = x[:, P:]  # b, n, C
+    idx, merged = order[:, :k], None  # b, k
+    if fusion == "nearest":
+        rest = order[:, k:]  # b, n - k
+        kept, dst = merge_nearest(tokens, side.sizes, idx, rest)
+        merged = (rest, dst)
+    else:
+        kept = tokens.gather(1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))  # b, k, C
+    parts = [x[:, :P], kept]
+    if fusion == "one":
+        w = fuse_weights(cls_attn, idx, options.normalize)  # b, n (float32: the sum stays exact)
+        parts.append(torch.bmm(w.unsqueeze(1), tokens.float()).to(tokens.dtype))  # b, 1, C
+    return torch.cat(parts, dim=1), side.select(idx, fusion, merged)
 
 
 def reorganize_group(
@@ -287,5 +278,6 @@ def reorganize_group(
     patch_ids: B, N - P original patch index of each token (-1 for fused ones). Returns, per subgroup,
     its new tokens and its patch ids.
     """
-    xs, sides = reorganize(x, cls_attn, subgroups, num_prefix_tokens, "one" if fuse else "drop", Side(ids=patch_ids))
+    options = ReorgOptions("one" if fuse else "drop", num_prefix_tokens=num_prefix_tokens)
+    xs, sides = reorganize(cls_attn, subgroups, options)(x, Side(ids=patch_ids))
     return xs, [s.ids for s in sides]

@@ -20,18 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
+from evit.config import Schedule
 from evit.cost import Cost, CostSpec, spec_cost
 
 MIN_RATE = 1e-6  # a stage's rate never reaches 0 (keep_count keeps at least one token anyway)
 RATE_GRID = 10_000  # plan_for_gmacs answers keep rates on a 1e-4 grid
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """How a requested keep rate is split over the pruning blocks (``EViTConfig.prune_blocks``)."""
-
-    weights: tuple[float, ...] | None = None  # per pruning block, its share of the drop; None: equal shares
-    match_gmacs: bool = False  # keep_rate names the paper rule's GMACs at that rate, not a per-stage rate
 
 
 @dataclass(frozen=True)

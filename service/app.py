@@ -7,7 +7,7 @@ Middleware, outermost first: request id + access log, bearer-token auth (when to
 
 from __future__ import annotations
 
-import math
+import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Literal
@@ -16,13 +16,15 @@ from fastapi import APIRouter, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BeforeValidator, Field
 
+from evit.config import check_keep_rate
 from service import v2
 from service.auth import protect
+from service.edge import ServiceDep, call_of, count_request
 from service.errors import ApiError, install_error_handlers
 from service.logs import RequestLogMiddleware
 from service.metrics import CONTENT_TYPE
 from service.registry import Registry
-from service.runtime import Answer, Service, ServiceDep
+from service.runtime import Answer, Service
 from service.scheduler import PRIORITIES, Ask
 from service.schemas import (
     ClassifyResponse,
@@ -47,18 +49,17 @@ def _keep_rate(value: object) -> object:
     if value is None or value == "auto":
         return value
     try:
-        rate = float(value)  # type: ignore[arg-type]
+        return check_keep_rate(float(value))  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        rate = math.nan
-    if not 0.0 < rate <= 1.0:  # NaN fails too
-        raise ValueError(f"must be a number in (0, 1] or 'auto', got {value!r}")
-    return rate
+        raise ValueError(f"must be a number in (0, 1] or 'auto', got {value!r}") from None
 
 
 KeepRate = Annotated[
     Annotated[float, Field(gt=0.0, le=1.0)] | Literal["auto"] | None,
     BeforeValidator(_keep_rate),
-    Query(description="fraction of patch tokens kept at each pruning block, in (0, 1]; `auto`: the highest "
+    Query(description="keep rate in (0, 1]: with the paper's options the fraction of patch tokens each pruning "
+          "block keeps; with `--options accurate` a cost: the GMACs the paper's rule spends at that rate, spread "
+          "over more, smaller prunings (`/models` lists GMACs per rate). `auto`: the highest "
           "rate the latency model predicts will meet the deadline (without one: the service's latency target) "
           "under the current load, at least `min_keep_rate`; omitted: the model's default. The answer's "
           "`keep_rate` is the rate used."),
@@ -107,7 +108,7 @@ async def classify(
         raise ApiError(422, f"top_k={top_k} is over the limit of {svc.settings.max_top_k}", "invalid_parameter")
     ask = Ask.of(keep_rate, min_keep_rate, (deadline_ms, x_deadline_ms), priority)
     answer = await svc.infer(
-        request, hosted, None if keep_rate == "auto" else keep_rate, top_k, return_tokens,
+        call_of(request), hosted, None if keep_rate == "auto" else keep_rate, top_k, return_tokens,
         lambda: read_image_bytes(request, svc.settings.max_body_bytes), ask,
     )
     return classify_response(answer)
@@ -203,5 +204,5 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     app.add_middleware(BodyTimeout, seconds=settings.body_timeout_s)
     if settings.api_tokens:
         protect(app, [t.get_secret_value() for t in settings.api_tokens], settings.metrics_path)
-    app.add_middleware(RequestLogMiddleware, on_done=service.count_request)
+    app.add_middleware(RequestLogMiddleware, on_done=functools.partial(count_request, service))
     return app

@@ -1,15 +1,16 @@
 """Dynamic batching: one queue per model, batches formed on the event loop, run on the device's one thread.
 
 A request is *admitted* first (a slot in the model's bounded queue, taken before its image is decoded,
-so overload is refused cheaply with 503 + Retry-After), then *submitted* with its decoded tensor. A
+so overload is refused cheaply with ``Overloaded``: 503 + Retry-After), then *submitted* with its decoded tensor. A
 model's batch former takes a batch when it holds ``max_batch_size`` requests or its oldest request has
 waited ``max_wait``, and only while the model has no pass in flight: under load, requests that arrive
 during a pass form the next batch, so batches grow with load. When requests arrive further apart than
 ``max_wait`` on average (low load), waiting could only add latency, so an idle model runs at once. Requests whose
 client went away or whose deadline passed are dropped when the batch is formed: they are never run. The
 batch is split into forward passes by ``policy.plan_passes`` and each pass's requests are answered as soon
-as that pass ends. A pass that fails answers only its own requests (500); one that runs out of device memory
-is retried in halves, down to single samples, and what still does not fit gets 503 with Retry-After.
+as that pass ends. A pass that fails answers only its own requests (``InferenceFailed``); one that runs out
+of device memory is retried in halves, down to single samples, and what still does not fit gets
+``OutOfMemory`` (retryable). Errors are the core's own (``service.exceptions``); ``service.errors`` maps them to HTTP.
 
 Deadlines, ``keep_rate=auto`` and priorities are decided by ``scheduler`` with the model's latency model
 (``latency``): the queue is kept in priority order, a request that cannot meet its deadline is refused
@@ -25,21 +26,21 @@ import logging
 import math
 import time
 from collections import deque
-from dataclasses import replace
 
 import torch
 
-from service.errors import ApiError
+from service.exceptions import DeadlineUnreachable, InferenceFailed, OutOfMemory, Overloaded, QueueTimeout
+from service.job import Job, Priority
 from service.latency import LatencyModel
 from service.metrics import Metrics
-from service.modelqueue import ModelQueue, Pending, Ticket
+from service.modelqueue import ModelQueue, Ticket
 from service.policy import plan_passes
 from service.registry import HostedModel, Registry
-from service.scheduler import PRIORITIES, Job, Scheduler, Unreachable, refusal
+from service.scheduler import Scheduler, Unreachable, refusal
 from service.settings import Settings
-from service.worker import DeviceWorker, Sample, SampleResult
+from service.worker import DeviceWorker, SampleResult
 
-__all__ = ["Batcher", "ModelQueue", "Pending", "Ticket"]
+__all__ = ["Batcher", "ModelQueue", "Ticket"]
 
 log = logging.getLogger("service.batcher")
 
@@ -48,7 +49,7 @@ class Batcher:
     def __init__(self, registry: Registry, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.workers = {d: DeviceWorker(d, metrics) for d in registry.devices}
+        self.workers = {d: DeviceWorker(d) for d in registry.devices}
         self.queues = {m.name: ModelQueue(m, self.workers[m.device], self._scheduler(m)) for m in registry}
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -99,17 +100,17 @@ class Batcher:
 
     # -- requests ------------------------------------------------------------------------------------
     def admit(self, model: str, job: Job) -> Ticket:
-        """A slot in ``model``'s queue, or 503 with Retry-After when the queue is full (for low priority:
+        """A slot in ``model``'s queue, or ``Overloaded`` when the queue is full (for low priority:
         its share of the queue), or a refusal when ``job`` is already predicted to miss its deadline."""
         q = self.queues[model]
         limit = self.settings.queue_size
-        if PRIORITIES[job.priority] == "low":
+        if job.priority == Priority.LOW:
             limit = max(1, int(limit * self.settings.low_priority_queue_share))
         if q.admitted >= limit:
             which = "" if limit == self.settings.queue_size else " for low-priority requests"
-            raise ApiError(503, f"model {model} is overloaded{which} ({q.admitted} requests queued); retry later",
-                           "overloaded", {"Retry-After": str(self.retry_after(q))})
-        self._place(q, job, commit=False)  # refuse now rather than after reading and decoding the image
+            raise Overloaded(f"model {model} is overloaded{which} ({q.admitted} requests queued); retry later",
+                             self.retry_after(q))
+        self._check(q, job)  # refuse now rather than after reading and decoding the image
         q.admitted += 1
         self.metrics.admitted.labels(model=model).set(q.admitted)
         return Ticket(q, self.metrics)
@@ -119,27 +120,33 @@ class Batcher:
         batches = math.ceil(q.admitted / self.settings.max_batch_size)
         return max(1, math.ceil(batches * q.pass_s))
 
-    def submit(self, ticket: Ticket, sample: Sample, job: Job) -> Pending:
-        """Queue ``sample`` in run order; ``job`` is placed by the scheduler, which sets its keep rate
-        (``auto``) or refuses it (deadline unreachable)."""
+    def submit(self, ticket: Ticket, job: Job) -> Job:
+        """Queue ``job`` (its image decoded into ``job.tensor``) in run order: the scheduler places it and sets
+        its keep rate (``auto``: chosen now) or refuses it (deadline unreachable)."""
         q = ticket.queue
-        index, job.rate = self._place(q, job)
-        sample = replace(sample, keep_rate=job.rate)
-        item = Pending(sample, asyncio.get_running_loop().create_future(), ticket, job)
-        q.arrived(item.enqueued)
-        q.items.insert(index, item)
-        self.metrics.queue_depth.labels(model=q.hosted.name).set(len(q.items))
-        q.wake.set()
-        return item
-
-    def _place(self, q: ModelQueue, job: Job, commit: bool = True) -> tuple[int, float]:
         now = time.monotonic()
         try:
-            return q.scheduler.place(job, q.jobs(), now, q.busy_until if q.running else now, commit)
+            index, job.rate = q.scheduler.place(job, q.jobs(), now, q.busy_until if q.running else now)
         except Unreachable as e:
-            self.metrics.deadline_refused.labels(model=q.hosted.name, priority=PRIORITIES[job.priority],
-                                                 stage="admission").inc()
-            raise refusal(e, len(q.items), self.retry_after(q)) from None
+            raise self._refused(q, job, e) from None
+        job.future, job.ticket, job.enqueued = asyncio.get_running_loop().create_future(), ticket, now
+        q.arrived(job.enqueued)
+        q.items.insert(index, job)
+        self.metrics.queue_depth.labels(model=q.hosted.name).set(len(q.items))
+        q.wake.set()
+        return job
+
+    def _check(self, q: ModelQueue, job: Job) -> None:
+        now = time.monotonic()
+        try:
+            q.scheduler.check(job, q.jobs(), now, q.busy_until if q.running else now)
+        except Unreachable as e:
+            raise self._refused(q, job, e) from None
+
+    def _refused(self, q: ModelQueue, job: Job, e: Unreachable) -> Exception:
+        self.metrics.deadline_refused.labels(model=q.hosted.name, priority=job.priority.label,
+                                             stage="admission").inc()
+        return refusal(e, len(q.items), self.retry_after(q))
 
     # -- batch formation (event loop) ----------------------------------------------------------------
     async def _form_batches(self, q: ModelQueue) -> None:
@@ -154,7 +161,7 @@ class Batcher:
             q.busy_until = start + predicted
             try:
                 await loop.run_in_executor(q.worker.executor, self._run, q, batch, loop)
-            except Exception as e:  # the pass itself failed: answer 500, keep serving
+            except Exception as e:  # the pass itself failed: answer InferenceFailed, keep serving
                 log.exception("batch of %d failed on %s", len(batch), q.hosted.name)
                 self._fail([p for p in batch if not p.future.done()], e)
             finally:
@@ -184,16 +191,16 @@ class Batcher:
                 await asyncio.wait_for(q.wake.wait(), timeout)
 
     def _drop_dead(self, q: ModelQueue) -> None:
-        """Remove requests whose client left (future cancelled) or whose deadline passed (504): never run."""
+        """Remove requests whose client left (future cancelled) or whose deadline passed (QueueTimeout): never run."""
         if not q.items:
             return
         now = time.monotonic()
-        live: deque[Pending] = deque()
+        live: deque[Job] = deque()
         for p in q.items:
             if p.future.done():
                 p.ticket.release()
-            elif p.job.deadline <= now:
-                p.future.set_exception(ApiError(504, "request timed out waiting in the queue", "timeout"))
+            elif p.deadline <= now:
+                p.future.set_exception(QueueTimeout("request timed out waiting in the queue"))
                 p.ticket.release()
             else:
                 live.append(p)
@@ -201,7 +208,7 @@ class Batcher:
             q.items = live
             self.metrics.queue_depth.labels(model=q.hosted.name).set(len(live))
 
-    def _take(self, q: ModelQueue) -> tuple[list[Pending], float]:
+    def _take(self, q: ModelQueue) -> tuple[list[Job], float]:
         """The next batch (its auto keep rates lowered or members shed if it would end too late) and its
         predicted time (0 when the latency model knows nothing yet)."""
         n = min(len(q.items), self.settings.max_batch_size)
@@ -213,40 +220,35 @@ class Batcher:
             p.queue_s = now - p.enqueued
             self.metrics.queue_wait.labels(model=name).observe(p.queue_s)
         self.metrics.queue_depth.labels(model=name).set(len(q.items))
-        _, shed = q.scheduler.fit_batch([p.job for p in batch], now)
-        for job in shed:
-            p = next(p for p in batch if p.job is job)
-            batch.remove(p)
-            self.metrics.deadline_refused.labels(model=name, priority=PRIORITIES[job.priority], stage="batch").inc()
+        batch, shed = q.scheduler.fit_batch(batch, now)  # may lower auto members' rates
+        for p in shed:
+            self.metrics.deadline_refused.labels(model=name, priority=p.priority.label, stage="batch").inc()
             if not p.future.done():
-                p.future.set_exception(ApiError(504, "deadline cannot be met: the request's batch would finish "
-                                                "after its deadline, so it was not run", "deadline_unreachable"))
+                p.future.set_exception(DeadlineUnreachable("deadline cannot be met: the request's batch would finish "
+                                                           "after its deadline, so it was not run"))
         for p in batch:
-            if p.sample.keep_rate != p.job.rate:
-                p.sample = replace(p.sample, keep_rate=p.job.rate)
-            if p.job.auto:
-                self.metrics.auto_keep_rate.labels(model=name, priority=PRIORITIES[p.job.priority]).observe(
-                    p.job.rate)
-        rates = [p.job.rate for p in batch]
+            if p.auto:
+                self.metrics.auto_keep_rate.labels(model=name, priority=p.priority.label).observe(p.rate)
+        rates = [p.rate for p in batch]
         predicted = q.scheduler.batch_seconds(rates) if batch and q.latency.calibrated else 0.0
         return batch, predicted
 
     # -- on the device thread ------------------------------------------------------------------------
-    def _run(self, q: ModelQueue, batch: list[Pending], loop: asyncio.AbstractEventLoop) -> None:
+    def _run(self, q: ModelQueue, batch: list[Job], loop: asyncio.AbstractEventLoop) -> None:
         hosted = q.hosted
         # a compiled runner holds one graph per rate: a mixed-rate batch is one pass per rate
         policy = self.settings.batch_policy if hosted.runner.info.keep_rates is None else "grouped"
-        passes = plan_passes([p.sample.keep_rate for p in batch], hosted.gmacs, q.latency.cost, policy)
+        passes = plan_passes([p.rate for p in batch], hosted.gmacs, q.latency.cost, policy)
         for indices in passes:
             items = [batch[i] for i in indices if not batch[i].future.done()]  # clients gone since forming
             if items:
                 self._forward(q, items, loop)
 
-    def _forward(self, q: ModelQueue, items: list[Pending], loop: asyncio.AbstractEventLoop) -> None:
+    def _forward(self, q: ModelQueue, items: list[Job], loop: asyncio.AbstractEventLoop) -> None:
         """One pass; on out-of-memory, the two halves separately (recursively); failures answer only ``items``."""
         hosted = q.hosted
         try:
-            results = q.worker.forward(hosted, [p.sample for p in items])
+            results = q.worker.forward(hosted, items)
         except torch.cuda.OutOfMemoryError:
             results = None  # retried below, once the exception (and the pass's tensors it holds) is gone
         except Exception as e:
@@ -254,8 +256,9 @@ class Batcher:
             loop.call_soon_threadsafe(self._fail, items, e)
             return
         if results is not None:
+            rates = [p.rate for p in items]
+            loop.call_soon_threadsafe(q.record, rates, results, self.metrics)
             loop.call_soon_threadsafe(self._resolve, items, results)
-            rates = [p.sample.keep_rate for p in items]
             loop.call_soon_threadsafe(q.learn, rates, results[0].inference_s, self.metrics)
             return
         q.worker.release_memory()
@@ -270,19 +273,18 @@ class Batcher:
         self._forward(q, items[half:], loop)
 
     @staticmethod
-    def _resolve(items: list[Pending], results: list[SampleResult]) -> None:
+    def _resolve(items: list[Job], results: list[SampleResult]) -> None:
         for p, r in zip(items, results, strict=True):
             if not p.future.done():
                 p.future.set_result(r)
 
     @staticmethod
-    def _fail(items: list[Pending], error: Exception) -> None:
+    def _fail(items: list[Job], error: Exception) -> None:
         for p in items:
             if p.future.done():
                 continue
             if isinstance(error, torch.cuda.OutOfMemoryError):  # a capacity problem: worth retrying later
-                p.future.set_exception(ApiError(503, "inference ran out of device memory, even for this image "
-                                                "alone; retry later", "out_of_memory", {"Retry-After": "1"}))
+                p.future.set_exception(OutOfMemory("inference ran out of device memory, even for this image "
+                                                   "alone; retry later"))
             else:
-                p.future.set_exception(ApiError(500, f"inference failed: {type(error).__name__}",
-                                                "inference_failed"))
+                p.future.set_exception(InferenceFailed(f"inference failed: {type(error).__name__}"))

@@ -1,4 +1,5 @@
-"""One error type for the whole service and the handlers that turn every failure into an ErrorResponse."""
+"""The HTTP edge's errors: ``ApiError``, the one mapping of the core's exceptions (``service.exceptions``) to
+HTTP status, error code and Retry-After, and the handlers that turn every failure into an ErrorResponse."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service import exceptions as core
 from service.schemas import ErrorResponse
 
 log = logging.getLogger("service.errors")
@@ -35,6 +37,32 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+# core exception -> (HTTP status, error code); Retry-After comes from the exception when it has one
+_CORE: list[tuple[type[core.ServiceError], int, str]] = [
+    (core.NotReady, 503, "not_ready"),
+    (core.Draining, 503, "draining"),
+    (core.Overloaded, 503, "overloaded"),
+    (core.OutOfMemory, 503, "out_of_memory"),
+    (core.QueueTimeout, 504, "timeout"),
+    (core.UnknownModel, 404, "unknown_model"),
+    (core.InvalidRequest, 422, "invalid_parameter"),
+    (core.InferenceFailed, 500, "inference_failed"),
+    (core.ClientGone, CLIENT_GONE, "client_closed_request"),
+]
+
+
+def api_error(e: core.ServiceError) -> ApiError:
+    """The HTTP answer to a core exception (the only place the core's failures become status codes)."""
+    retry = getattr(e, "retry_after_s", None)
+    headers = {"Retry-After": str(retry)} if retry is not None else None
+    if isinstance(e, core.DeadlineUnreachable):  # retryable: the load is the reason; else only a longer deadline
+        return ApiError(503 if retry is not None else 504, e.message, "deadline_unreachable", headers)
+    for kind, status, code in _CORE:
+        if isinstance(e, kind):
+            return ApiError(status, e.message, code, headers)
+    return ApiError(500, e.message, "internal_error")
+
+
 def error_response(
     request: Request, status: int, error: str, message: str,
     headers: dict[str, str] | None = None, details: list[dict[str, Any]] | None = None,
@@ -47,6 +75,11 @@ def error_response(
 async def _api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
     return error_response(request, exc.status, exc.error, exc.message, exc.headers)
+
+
+async def _core_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, core.ServiceError)
+    return await _api_error(request, api_error(exc))
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -74,6 +107,7 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(core.ServiceError, _core_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)

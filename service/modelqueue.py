@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 from collections import deque
-from dataclasses import dataclass, field
 
+from service.job import Job
 from service.latency import LatencyModel
-from service.metrics import Metrics
+from service.metrics import Metrics, rate_label
 from service.registry import HostedModel
-from service.scheduler import Job, Scheduler
-from service.worker import DeviceWorker, Sample, SampleResult
+from service.scheduler import Scheduler
+from service.worker import DeviceWorker, SampleResult
 
 
 class ModelQueue:
@@ -21,7 +20,7 @@ class ModelQueue:
         self.hosted = hosted
         self.worker = worker
         self.scheduler = scheduler  # its latency model is calibrated at warm-up, then learns from every pass
-        self.items: deque[Pending] = deque()  # in run order: by priority, then arrival
+        self.items: deque[Job] = deque()  # in run order: by priority, then arrival
         self.admitted = 0  # admitted and not yet in a batch: decoding, or waiting in ``items``
         self.wake = asyncio.Event()
         self.running = False
@@ -41,7 +40,19 @@ class ModelQueue:
         return self.scheduler.latency
 
     def jobs(self) -> list[Job]:
-        return [p.job for p in self.items]
+        return list(self.items)
+
+    def record(self, rates: list[float], results: list[SampleResult], metrics: Metrics) -> None:
+        """A pass's metrics: its size and time, tokens by keep rate (on the event loop, before its answers)."""
+        name = self.hosted.name
+        metrics.batch_size.labels(model=name).observe(len(results))
+        metrics.batch_inference.labels(model=name).observe(results[0].inference_s)
+        per_rate: dict[str, int] = {}
+        for rate, r in zip(rates, results, strict=True):
+            label = rate_label(rate)
+            per_rate[label] = per_rate.get(label, 0) + r.tokens
+        for label, tokens in per_rate.items():
+            metrics.tokens.labels(model=name, keep_rate=label).inc(tokens)
 
     def learn(self, rates: list[float], seconds: float, metrics: Metrics) -> None:
         """The latency model learns from a measured pass (on the event loop)."""
@@ -73,13 +84,3 @@ class Ticket:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-
-
-@dataclass(eq=False)
-class Pending:
-    sample: Sample
-    future: asyncio.Future[SampleResult]
-    ticket: Ticket
-    job: Job
-    enqueued: float = field(default_factory=time.monotonic)
-    queue_s: float = 0.0

@@ -17,7 +17,7 @@ from torch import nn
 
 import evit
 from evit.backends import BackendMissing
-from service.errors import ApiError
+from service.exceptions import UnknownModel
 from service.images import ImageLimits, Preprocessor, check_formats
 from service.runners.base import Runner
 from service.runners.select import build_runner, runner_precision
@@ -111,7 +111,7 @@ class Registry:
     def get(self, name: str | None) -> HostedModel:
         model = self.models.get(name or self.default)
         if model is None:
-            raise ApiError(404, f"unknown model {name!r}; hosted: {', '.join(self.models)}", "unknown_model")
+            raise UnknownModel(f"unknown model {name!r}; hosted: {', '.join(self.models)}")
         return model
 
     def __iter__(self) -> Iterator[HostedModel]:

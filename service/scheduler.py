@@ -33,51 +33,16 @@ import bisect
 import functools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
-from service.errors import ApiError
+from service.exceptions import DeadlineUnreachable
+from service.job import PRIORITIES, Ask, Job, Priority
 from service.latency import LatencyModel, OfferedLoad
 from service.policy import plan_passes
 
-PRIORITIES = ("high", "normal", "low")  # run order; a job's ``priority`` is its index here
-NORMAL = PRIORITIES.index("normal")
+__all__ = ["PRIORITIES", "Ask", "Job", "Priority", "Scheduler", "Unreachable", "insert_at", "rate_grid", "refusal"]
+
 UTILIZATION = 0.9  # auto keeps the device at most this busy with the recent arrivals
 WAIT_SHARE = 0.5  # a job waits for a fuller batch at most this share of its slack
-
-
-@dataclass(frozen=True)
-class Ask:
-    """A request's scheduling options as the API takes them."""
-
-    auto: bool = False  # keep_rate=auto
-    min_keep_rate: float | None = None  # auto's floor; None: the service's setting
-    deadline_ms: float | None = None  # from the request's arrival; None: only the request timeout
-    priority: str = "normal"  # one of PRIORITIES
-
-    @classmethod
-    def of(cls, keep_rate: object, min_keep_rate: float | None, deadlines_ms: tuple[float | None, ...],
-           priority: str) -> Ask:
-        """From validated API values: ``keep_rate`` as given ("auto" or a number); of the deadlines given
-        (parameter, ``X-Deadline-Ms`` header), the smallest counts."""
-        given = [d for d in deadlines_ms if d is not None]
-        return cls(keep_rate == "auto", min_keep_rate, min(given) if given else None, priority)
-
-
-@dataclass(eq=False)
-class Job:
-    """What the scheduler knows of one request. Times are clock seconds (absolute)."""
-
-    rate: float  # the keep rate it runs at: fixed, or auto's current choice
-    deadline: float  # hard: refused or shed rather than finished later
-    priority: int = NORMAL
-    auto: bool = False
-    min_rate: float = 1.0  # auto: the lowest keep rate it accepts
-    target: float = math.inf  # auto: finish by then if any rate allows (the latency target)
-    arrival: float = 0.0  # when the request arrived
-
-    @property
-    def due(self) -> float:
-        return min(self.deadline, self.target)
 
 
 class Unreachable(Exception):
@@ -94,22 +59,21 @@ class Unreachable(Exception):
         return self.idle_finish > self.deadline
 
 
-def refusal(e: Unreachable, queued: int, retry_after_s: int) -> ApiError:
-    """The answer to a request refused at arrival: 504 when only a longer deadline helps, else 503.
+def refusal(e: Unreachable, queued: int, retry_after_s: int) -> DeadlineUnreachable:
+    """The refusal of a request at arrival: retryable (``retry_after_s``) only when the load is the reason.
     A request without ``deadline_ms`` has the request timeout as its deadline."""
     left, eta = (e.deadline - e.now) * 1e3, (e.finish - e.now) * 1e3
     what = "the request cannot be answered within its deadline (deadline_ms, or the request timeout)"
     if left <= 0:
-        return ApiError(504, f"{what}: it passed before the request could be queued (reading and decoding it took "
-                        "longer)", "deadline_unreachable")
+        return DeadlineUnreachable(f"{what}: it passed before the request could be queued (reading and decoding it "
+                                   "took longer)")
     if e.impossible:
-        return ApiError(504, f"{what} even by an idle model: {left:.1f} ms left, one pass is predicted to take "
-                        f"{(e.idle_finish - e.now) * 1e3:.1f} ms; allow a longer deadline or a lower keep rate",
-                        "deadline_unreachable")
-    return ApiError(503, f"{what} under the current load: predicted to finish in {eta:.0f} ms ({queued} requests "
-                    f"queued), deadline in {left:.0f} ms; retry later, allow a longer deadline_ms, or use "
-                    "keep_rate=auto (or a lower min_keep_rate)", "deadline_unreachable",
-                    {"Retry-After": str(retry_after_s)})
+        return DeadlineUnreachable(f"{what} even by an idle model: {left:.1f} ms left, one pass is predicted to "
+                                   f"take {(e.idle_finish - e.now) * 1e3:.1f} ms; allow a longer deadline or a lower "
+                                   "keep rate")
+    return DeadlineUnreachable(f"{what} under the current load: predicted to finish in {eta:.0f} ms ({queued} "
+                               f"requests queued), deadline in {left:.0f} ms; retry later, allow a longer deadline_ms, "
+                               "or use keep_rate=auto (or a lower min_keep_rate)", retry_after_s)
 
 
 def insert_at(queue: Sequence[Job], priority: int) -> int:
@@ -146,23 +110,26 @@ class Scheduler:
         return now + self.latency.safety * max(end - now, 0.0)
 
     # -- decisions -----------------------------------------------------------------------------------
-    def place(
-        self, job: Job, queue: Sequence[Job], now: float, busy_until: float, commit: bool = True
-    ) -> tuple[int, float]:
-        """Where ``job`` goes in ``queue`` and the keep rate it runs at; raises :class:`Unreachable`.
-
-        ``busy_until``: when the pass in flight is predicted to end (``now`` or earlier when idle).
-        The request counts in the offered load once: when refused, or when placed with ``commit``
-        (``commit=False``: a dry run, the request will be placed for real later).
-        """
+    def place(self, job: Job, queue: Sequence[Job], now: float, busy_until: float) -> tuple[int, float]:
+        """Where ``job`` goes in ``queue`` and the keep rate it runs at (auto: chosen here, once); raises
+        :class:`Unreachable`. ``busy_until``: when the pass in flight is predicted to end (``now`` or earlier
+        when idle). The request counts in the offered load once: here, placed or refused."""
         try:
-            i, rate = self._place(job, queue, now, busy_until)
+            i, rate = self._place(job, queue, now, busy_until, choose=True)
         except Unreachable:
-            self.load.add(now, job.priority, job.auto, self.gmacs(job.min_rate if job.auto else job.rate))
+            self.load.add(now, job.priority, job.auto, self.gmacs(job.floor))
             raise
-        if commit:
-            self.load.add(now, job.priority, job.auto, self.gmacs(rate))
+        self.load.add(now, job.priority, job.auto, self.gmacs(rate))
         return i, rate
+
+    def check(self, job: Job, queue: Sequence[Job], now: float, busy_until: float) -> None:
+        """Raises :class:`Unreachable` when ``job`` would miss its deadline even at its lowest rate (at
+        admission, before its image is read: the rate is chosen by ``place`` once it is decoded)."""
+        try:
+            self._place(job, queue, now, busy_until, choose=False)
+        except Unreachable:
+            self.load.add(now, job.priority, job.auto, self.gmacs(job.floor))
+            raise
 
     def sustainable(self, job: Job, now: float) -> float:
         """The highest keep rate at which the device keeps up with the recent arrivals of the job's class
@@ -177,7 +144,8 @@ class Scheduler:
         max_gmacs = room / (autos * cost.seconds_per_gmac)
         return _highest(self.grid(job.min_rate), lambda r: self.gmacs(r) <= max_gmacs)
 
-    def _place(self, job: Job, queue: Sequence[Job], now: float, busy_until: float) -> tuple[int, float]:
+    def _place(self, job: Job, queue: Sequence[Job], now: float, busy_until: float, choose: bool
+               ) -> tuple[int, float]:
         i = insert_at(queue, job.priority)
         if not self.latency.calibrated:
             return i, job.rate  # nothing to predict with yet: the deadline is only enforced by the clock
@@ -191,14 +159,13 @@ class Scheduler:
         def finish(rate: float) -> float:
             return self._finish(now, start + self.batch_seconds([*mates, rate]))
 
-        rate = job.rate
-        if job.auto:
+        rate = job.floor  # the check: finishing gets later with the rate, so the floor decides
+        if job.auto and choose:
             ceiling = self.sustainable(job, now)
             rate = _highest([r for r in self.grid(job.min_rate) if r <= ceiling], lambda r: finish(r) <= job.due)
         end = finish(rate)
         if end > job.deadline:
-            alone = job.min_rate if job.auto else job.rate
-            raise Unreachable(now, end, job.deadline, self._finish(now, now + self.batch_seconds([alone])))
+            raise Unreachable(now, end, job.deadline, self._finish(now, now + self.batch_seconds([job.floor])))
         return i, rate
 
     def plan(self, queue: Sequence[Job], now: float, busy_until: float) -> list[float]:

@@ -12,11 +12,14 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from evit.config import check_keep_rate
 
 DEFAULT_ARCH = "deit_small_patch16_224"
 ASSET_CHECKPOINT = "../shared/assets/weights/vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors"
+KeepRate = Annotated[float, AfterValidator(check_keep_rate)]  # in (0, 1]: evit's one rule
 
 
 class ModelSpec(BaseModel):
@@ -29,7 +32,7 @@ class ModelSpec(BaseModel):
     fuse: bool = True
     # training-free options: the paper's rule, or evit.ACCURATE (docs/accuracy.md); model_kwargs set any one
     options: Literal["paper", "accurate"] = "paper"
-    keep_rate: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)  # default for requests without one
+    keep_rate: KeepRate = 1.0  # default for requests without one
     model_kwargs: dict[str, Any] = Field(default_factory=dict)  # extra timm.create_model arguments
     labels: list[str] | None = None  # class names; default: ImageNet-1k names for 1000-class models
 
@@ -61,7 +64,7 @@ class Settings(BaseSettings):
     checkpoint: Annotated[list[Path], NoDecode] = []  # one per model, in order
     random_weights: bool = False
     prune_blocks: Annotated[tuple[int, ...] | None, NoDecode] = None  # EVIT_PRUNE_BLOCKS=3,6,9
-    keep_rate: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    keep_rate: KeepRate = 1.0
     options: Literal["paper", "accurate"] = "paper"  # EVIT_OPTIONS=accurate: evit.ACCURATE
     models: list[ModelSpec] | None = None  # full form: EVIT_MODELS='[{"arch": ..., "weights": ...}]'
     seed: int = 0  # seeds random weights so replicas agree
@@ -90,7 +93,7 @@ class Settings(BaseSettings):
 
     # latency-aware scheduling (see service/scheduler.py): keep_rate=auto, deadlines, priorities
     latency_target_ms: float = Field(500.0, gt=0.0, allow_inf_nan=False)  # auto without a deadline aims here
-    auto_min_keep_rate: float = Field(0.5, gt=0.0, le=1.0, allow_inf_nan=False)  # auto's floor by default
+    auto_min_keep_rate: KeepRate = 0.5  # auto's floor by default
     auto_keep_rate_step: float = Field(0.05, gt=0.0, le=1.0, allow_inf_nan=False)  # auto's grid of rates
     low_priority_queue_share: float = Field(0.5, gt=0.0, le=1.0)  # low-priority requests get this part of the queue
     latency_safety_z: float = Field(2.0, ge=0.0, le=10.0)  # margin: predictions x (1 + z * relative error)

@@ -23,9 +23,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from evit.config import check_keep_rate
+from service.edge import ServiceDep, call_of
 from service.errors import ApiError
 from service.registry import HostedModel
-from service.runtime import Answer, Service, ServiceDep
+from service.runtime import Answer, Service
 from service.scheduler import PRIORITIES, Ask
 from service.schemas import (
     V2InferRequest,
@@ -147,10 +149,11 @@ def _parse(body: bytes, header_length: str | None) -> tuple[V2InferRequest, byte
 def _keep_rate(value: Any, name: str, auto: bool = False) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (0.0 < value <= 1.0):
+    try:
+        return check_keep_rate(value, name)
+    except ValueError:
         allowed = 'a number in (0, 1] or "auto"' if auto else "a number in (0, 1]"
-        raise ApiError(422, f"parameter {name} must be {allowed}, got {value!r}", "invalid_parameter")
-    return float(value)
+        raise ApiError(422, f"parameter {name} must be {allowed}, got {value!r}", "invalid_parameter") from None
 
 
 def _deadline(value: Any, name: str, text: bool = False) -> float | None:
@@ -239,11 +242,13 @@ def _split_binary(chunk: bytes) -> list[bytes]:
 
 async def _run(svc: Service, request: Request, hosted: HostedModel, keep_rate: float | None, top_k: int,
                images: list[bytes], ask: Ask) -> list[Answer]:
+    call = call_of(request)
+
     async def one(data: bytes) -> Answer:
         async def read() -> bytes:
             return data
 
-        return await svc.infer(request, hosted, keep_rate, top_k, False, read, ask)
+        return await svc.infer(call, hosted, keep_rate, top_k, False, read, ask)
 
     results = await asyncio.gather(*(one(img) for img in images), return_exceptions=True)
     for r in results:

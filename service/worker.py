@@ -6,6 +6,7 @@ top-k probabilities, tokens and kept patches per sample. It knows tensors, never
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -13,17 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from service.metrics import Metrics, rate_label
+from service.job import Job
 from service.policy import PassCost
 from service.registry import HostedModel
-
-
-@dataclass(frozen=True)
-class Sample:
-    tensor: torch.Tensor  # C, H, W (float32, from the preprocessor)
-    keep_rate: float
-    top_k: int
-    want_kept: bool
 
 
 @dataclass(frozen=True)
@@ -39,17 +32,16 @@ class SampleResult:
 class DeviceWorker:
     """The single thread that runs every forward pass on one device, in submission order."""
 
-    def __init__(self, device: torch.device, metrics: Metrics | None) -> None:
+    def __init__(self, device: torch.device) -> None:
         self.device = device
-        self.metrics = metrics
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"evit-{device}")
 
-    def forward(self, hosted: HostedModel, samples: Sequence[Sample], record: bool = True) -> list[SampleResult]:
+    def forward(self, hosted: HostedModel, samples: Sequence[Job]) -> list[SampleResult]:
         """One forward pass over ``samples`` (their keep rates may differ). Runs on this worker's thread."""
         start = time.perf_counter()
         want_kept = any(s.want_kept for s in samples)
         k = min(max(s.top_k for s in samples), hosted.num_classes)
-        out = hosted.runner.forward([s.tensor for s in samples], [s.keep_rate for s in samples], want_kept)
+        out = hosted.runner.forward([s.tensor for s in samples], [s.rate for s in samples], want_kept)
         top = out.logits.softmax(dim=-1).topk(k, dim=-1)
         probs, classes = top.values, top.indices  # B, k
         seconds = time.perf_counter() - start
@@ -61,21 +53,7 @@ class DeviceWorker:
                 tokens=out.tokens[i], kept=out.kept[i] if out.kept and s.want_kept else None,
                 inference_s=seconds, batch_size=n,
             ))
-        if record and self.metrics is not None:
-            self._record(hosted.name, samples, results, seconds)
         return results
-
-    def _record(self, model: str, samples: Sequence[Sample], results: list[SampleResult], seconds: float) -> None:
-        m = self.metrics
-        assert m is not None
-        m.batch_size.labels(model=model).observe(len(samples))
-        m.batch_inference.labels(model=model).observe(seconds)
-        per_rate: dict[str, int] = {}
-        for s, r in zip(samples, results, strict=True):
-            label = rate_label(s.keep_rate)
-            per_rate[label] = per_rate.get(label, 0) + r.tokens
-        for label, tokens in per_rate.items():
-            m.tokens.labels(model=model, keep_rate=label).inc(tokens)
 
     def warm_up(self, hosted: HostedModel, batch: int, repeats: int = 3) -> PassCost | None:
         """Run the first passes (allocations, kernel selection) and fit the pass cost (see ``policy``)."""
@@ -84,11 +62,11 @@ class DeviceWorker:
         image = torch.randn(hosted.runner.info.input_size, generator=generator)
 
         def timed(n: int, rates: Sequence[float]) -> float:
-            samples = [Sample(image, rates[i % len(rates)], 1, False) for i in range(n)]
+            samples = [Job(rates[i % len(rates)], math.inf, tensor=image) for i in range(n)]
             best = float("inf")
             for _ in range(repeats):
                 t = time.perf_counter()
-                self.forward(hosted, samples, record=False)
+                self.forward(hosted, samples)
                 best = min(best, time.perf_counter() - t)
             return best
 

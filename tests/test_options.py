@@ -11,7 +11,7 @@ from test_cost import counted_gmacs
 
 import evit
 from evit.merge import merge_nearest
-from evit.reorganize import Side, class_attention, fuse_weights, reorganize, size_bias
+from evit.reorganize import ReorgOptions, Side, class_attention, fuse_weights, reorganize, size_bias
 
 X = torch.tensor([[[100.0], [1.0], [2.0], [3.0], [4.0]]])  # B=1, one prefix token, 4 tokens, C=1
 ATTN = torch.tensor([[0.1, 0.4, 0.2, 0.3]])  # class attention to the 4 tokens: keep tokens 2 and 4
@@ -20,7 +20,7 @@ ATTN = torch.tensor([[0.1, 0.4, 0.2, 0.3]])  # class attention to the 4 tokens: 
 def test_mean_fusion_by_hand():
     w = fuse_weights(ATTN, torch.tensor([[1, 3]]), normalize=True)
     assert w[0].tolist() == pytest.approx([1 / 3, 0.0, 2 / 3, 0.0])
-    (out,), _ = reorganize(X, ATTN, [(0, 1, 2)], 1, "one", normalize=True)
+    (out,), _ = reorganize(ATTN, [(0, 1, 2)], ReorgOptions("one", normalize=True))(X)
     assert out[0, :, 0].tolist() == pytest.approx([100.0, 2.0, 4.0, (0.1 * 1 + 0.2 * 3) / 0.3])
 
 
@@ -28,12 +28,12 @@ def test_sizes_and_scores_follow_the_tokens():
     side = Side(ids=torch.tensor([[0, 1, 2, -1]]), sizes=torch.tensor([[1.0, 2.0, 1.0, 5.0]]),
                 scores=torch.tensor([[0.5, 0.1, 0.9, 0.2]]))
     # rank by the accumulated scores (keep tokens 3 and 1), fuse with this block's attention
-    (out,), (new,) = reorganize(X, ATTN, [(0, 1, 2)], 1, "one", side, score=side.scores)
+    (out,), (new,) = reorganize(ATTN, [(0, 1, 2)], ReorgOptions("one"), side.scores)(X, side)
     assert out[0, :, 0].tolist() == pytest.approx([100.0, 3.0, 1.0, 0.4 * 2 + 0.3 * 4])
     assert new.ids.tolist() == [[2, 0, -1]]
     assert new.sizes.tolist() == [[1.0, 1.0, 2.0 + 5.0]]  # the fused token stands for every patch it took in
     assert new.scores[0].tolist() == pytest.approx([0.9, 0.5, 0.1 + 0.2])
-    _, (dropped,) = reorganize(X, ATTN, [(0, 1, 2)], 1, "drop", side, score=side.scores)
+    _, (dropped,) = reorganize(ATTN, [(0, 1, 2)], ReorgOptions("drop"), side.scores)(X, side)
     assert dropped.sizes.tolist() == [[1.0, 1.0]] and dropped.ids.tolist() == [[2, 0]]
 
 
@@ -50,7 +50,7 @@ def test_nearest_fusion_by_hand():
     x = torch.tensor([[[9.0, 9.0], [1.0, 0.0], [0.0, 1.0], [2.0, 0.1], [0.1, 3.0]]])  # prefix token first
     side = Side(ids=torch.tensor([[0, 1, 2, 3]]), sizes=torch.tensor([[1.0, 1.0, 2.0, 1.0]]),
                 scores=torch.tensor([[0.4, 0.3, 0.2, 0.1]]))
-    (out,), (new,) = reorganize(x, torch.tensor([[0.4, 0.3, 0.2, 0.1]]), [(0, 1, 2)], 1, "nearest", side)
+    (out,), (new,) = reorganize(torch.tensor([[0.4, 0.3, 0.2, 0.1]]), [(0, 1, 2)], ReorgOptions("nearest"))(x, side)
     assert torch.allclose(out[0], torch.tensor([[9.0, 9.0], [(1 + 2 * 2) / 3, 0.2 / 3], [0.05, 2.0]]))
     assert new.ids.tolist() == [[0, 1]] and new.sizes.tolist() == [[3.0, 2.0]]
     assert new.scores[0].tolist() == pytest.approx([0.6, 0.4])
@@ -64,10 +64,10 @@ def test_nearest_merge_in_half_precision_and_its_guards():
     assert merged.dtype == torch.float16 and torch.equal(merged, torch.full((1, 1, 4), 300.0, dtype=torch.float16))
     # reorganize gives tokens their sizes when the caller has none, so a merged token remembers them
     x = torch.tensor([[[9.0], [1.0], [2.0], [3.0], [4.0]]])
-    _, (side,) = reorganize(x, ATTN, [(0, 1, 2)], 1, "nearest")
+    _, (side,) = reorganize(ATTN, [(0, 1, 2)], ReorgOptions("nearest"))(x)
     assert side.sizes.sum().item() == 4.0 and side.sizes.shape == (1, 2)
     with pytest.raises(ValueError, match="fusion must be one of"):
-        reorganize(x, ATTN, [(0, 1, 2)], 1, True)  # the old boolean is refused, not read as "drop"
+        ReorgOptions(True)  # type: ignore[arg-type]  # the old boolean is refused, not read as "drop"
     with pytest.raises(ValueError, match="merged"):
         Side(ids=torch.tensor([[0, 1, 2, 3]])).select(torch.tensor([[0, 1]]), "nearest")
 

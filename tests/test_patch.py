@@ -140,3 +140,45 @@ def test_patch_keeps_timm_identity():
     assert evit.data_config(model)["mean"] == timm.data.resolve_model_data_config(ref)["mean"]
     evit.apply_patch(model, prune_blocks=(2,))  # re-patching replaces the configuration
     assert model.evit_cfg.prune_blocks == (2,) and type(model).__mro__[1] is evit.patch.EViTMixin
+
+
+@pytest.mark.parametrize("kind", ["vit", "registers"])
+def test_forward_features_prunes_like_forward(kind):
+    ref, model = tiny_pair(kind, keep_rate=0.5)
+    x = images(3)
+    P = model.num_prefix_tokens
+    with torch.inference_mode():
+        feats = model.forward_features(x)  # the model's default keep rate: 0.5
+        assert feats.shape[0] == 3 and feats.shape[1] < P + model.num_patches  # pruned, not timm's unpruned tokens
+        torch.testing.assert_close(model.forward_head(feats), model(x), rtol=1e-4, atol=1e-5)
+        mixed = model.forward_features(x, keep_rate=[0.25, 0.25, 0.25])
+        torch.testing.assert_close(model.forward_head(mixed), model(x, keep_rate=0.25), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model.forward_features(x, keep_rate=1.0), ref.forward_features(x),
+                                   rtol=1e-4, atol=1e-5)
+        with pytest.raises(ValueError, match="forward_with_info"):  # different token counts: no one tensor
+            model.forward_features(x, keep_rate=[0.25, 1.0, 0.5])
+
+
+def test_forward_features_keeps_batch_order_when_rates_keep_equal_counts():
+    _, model = tiny_pair(keep_rate=1.0)
+    x = images(2)
+    with torch.inference_mode():  # 16 patches: 0.5 and 0.49 both keep 8 at every stage
+        assert model.cost(0.49).tokens == model.cost(0.5).tokens
+        feats = model.forward_features(x, keep_rate=[0.5, 0.49])
+        torch.testing.assert_close(feats[0], model.forward_features(x[:1], keep_rate=0.5)[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(feats[1], model.forward_features(x[1:], keep_rate=0.49)[0], rtol=1e-4, atol=1e-5)
+
+
+def test_forward_intermediates_refuses_to_run_unpruned():
+    ref, model = tiny_pair(keep_rate=0.7)
+    x = images(2)
+    with torch.inference_mode():
+        with pytest.raises(NotImplementedError, match=r"keep rate 0\.7 prunes"):
+            model.forward_intermediates(x)  # the default keep rate prunes: never silently unpruned
+        with pytest.raises(NotImplementedError, match=r"keep rate 0\.5 prunes"):
+            model.forward_intermediates(x, keep_rate=[1.0, 0.5])
+        got = model.forward_intermediates(x, keep_rate=1.0, indices=2)
+        expected = ref.forward_intermediates(x, indices=2)
+        torch.testing.assert_close(got[0], expected[0])
+        for a, b in zip(got[1], expected[1], strict=True):
+            torch.testing.assert_close(a, b)

@@ -7,10 +7,13 @@ import torch
 
 from evit.reorganize import (
     Group,
+    ReorgOptions,
+    Side,
     class_attention,
     keep_count,
     merge_adjacent,
     prunes,
+    reorganize,
     reorganize_group,
     split_group,
 )
@@ -75,3 +78,19 @@ def test_groups_split_and_merge():
     merged = merge_adjacent([Group(0, 2, 10, ((0.5, 2),)), Group(2, 1, 10, ((0.55, 1),)), Group(3, 1, 11, ((0.6, 1),))])
     assert [(m.start, m.size, m.tokens) for m in merged] == [(0, 3, 10), (3, 1, 11)]
     assert math.isclose(sum(c for _, c in merged[0].rates), 3)
+
+
+def test_reorganize_decides_once_and_returns_the_apply_step():
+    """ToMe-style: the ranking is decided from the attention alone; the returned step applies it to any
+    tokens of the group's shape (here: to x and to 2x, which fusion "one" maps linearly)."""
+    torch.manual_seed(0)
+    x, attn = torch.randn(3, 1 + 6, 4), torch.rand(3, 6)
+    apply = reorganize(attn, [(0, 1, 2), (1, 2, 4)], ReorgOptions("one", num_prefix_tokens=1))
+    outs, sides = apply(x, Side(ids=torch.arange(6).expand(3, -1)))
+    doubled, _ = apply(2 * x, None)
+    assert [o.shape for o in outs] == [(1, 1 + 2 + 1, 4), (2, 1 + 4 + 1, 4)]
+    for a, b in zip(outs, doubled, strict=True):
+        torch.testing.assert_close(2 * a, b)
+    assert sides[0].ids[0, :2].tolist() == attn[0].topk(2).indices.tolist() and sides[0].ids[0, 2] == -1
+    with pytest.raises(ValueError, match="fusion must be one of"):
+        ReorgOptions("both")

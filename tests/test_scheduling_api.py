@@ -112,7 +112,7 @@ async def test_high_priority_runs_first_and_low_gets_part_of_the_queue(serve, ti
             tasks.append(post(name, priority))
             queued = len(tasks) - 1
             await until(lambda n=queued: len(q.items) == n)
-        assert [p.job.priority for p in q.items] == [0, 1, 2, 2]  # run order: high, normal, low, low
+        assert [p.priority for p in q.items] == [0, 1, 2, 2]  # run order: high, normal, low, low
         gate.open()
         assert all(r.status_code == 200 for r in await asyncio.gather(*tasks))
         assert done == ["held", "high", "normal", "low1", "low2"]

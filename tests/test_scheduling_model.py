@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from service.errors import api_error
 from service.latency import LatencyModel, OfferedLoad
 from service.policy import PassCost
 from service.scheduler import PRIORITIES, Job, Scheduler, Unreachable, insert_at, rate_grid, refusal
@@ -119,10 +120,10 @@ def test_fixed_rate_refused_when_the_queue_makes_it_late() -> None:
     with pytest.raises(Unreachable) as e:
         s.place(Job(1.0, 0.05), [], now=0.0, busy_until=0.0)  # one pass alone takes 0.11
     assert e.value.impossible
-    busy = refusal(Unreachable(0.0, 1.0, 0.5, 0.1), queued=8, retry_after_s=2)
+    busy = api_error(refusal(Unreachable(0.0, 1.0, 0.5, 0.1), queued=8, retry_after_s=2))
     assert (busy.status, busy.error, busy.headers) == (503, "deadline_unreachable", {"Retry-After": "2"})
     assert "8 requests queued" in busy.message
-    assert refusal(Unreachable(0.0, 1.0, 0.05, 0.1), 0, 1).status == 504
+    assert api_error(refusal(Unreachable(0.0, 1.0, 0.05, 0.1), 0, 1)).status == 504
 
 
 def test_auto_takes_the_highest_rate_that_meets_the_deadline() -> None:

@@ -7,7 +7,8 @@ import inspect
 import json
 from pathlib import Path
 
-from evit.patch import FUSE_INTO, FUSE_WEIGHTS, RANKINGS, apply_patch
+from evit.config import FUSE_INTO, FUSE_WEIGHTS, RANKINGS, check_keep_rate
+from evit.patch import apply_patch
 from evit.schedule import ACCURATE, PRESETS
 
 # create_model's training-free options and their defaults (the paper's rule), as apply_patch declares them
@@ -22,9 +23,12 @@ def keep_rates(text: str) -> list[float]:
         rates = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
-    if not rates or any(not 0.0 < r <= 1.0 for r in rates):
-        raise argparse.ArgumentTypeError(f"keep rates must be in (0, 1]: {text!r}")
-    return rates
+    try:
+        if not rates:
+            raise ValueError("no keep rate")
+        return [check_keep_rate(r) for r in rates]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"keep rates must be in (0, 1]: {text!r}") from None
 
 
 def blocks(text: str) -> list[int]:

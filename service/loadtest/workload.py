@@ -25,8 +25,9 @@ IMAGE_TYPES = {
 }
 
 
-def rate_label(rate: float) -> str:
-    """The key a keep rate is reported under: ``0.7 -> "0.7"``, ``1 -> "1.0"``."""
+def rate_key(rate: float) -> str:
+    """The key a keep rate is reported under in the load report: ``0.7 -> "0.7"``, ``1 -> "1.0"`` (the service's
+    metrics label rates with ``service.metrics.rate_label``, bucketed; ``bucket_rate`` maps one to the other)."""
     return repr(float(rate))
 
 
@@ -89,7 +90,7 @@ def _parse_rate(text: str) -> str:
         ) from None
     if not (0.0 < rate <= 1.0):
         raise ValueError(f"keep rate {text} is outside (0, 1]")
-    return rate_label(rate)
+    return rate_key(rate)
 
 
 @dataclass(frozen=True)
