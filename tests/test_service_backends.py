@@ -129,3 +129,14 @@ def test_backend_settings_from_flags_and_env(monkeypatch) -> None:
     assert (s.backend, s.precision, s.keep_rates) == ("auto", "bf16", (0.6, 1.0))
     with pytest.raises(ValidationError, match="keep-rate buckets"):
         parse_settings(["--keep-rates", "0,1.0"])
+
+
+@pytest.mark.anyio
+async def test_ready_service_has_frozen_its_startup_objects(serve, tiny_settings) -> None:
+    import gc
+
+    gc.unfreeze()
+    async with serve(tiny_settings()) as (_, client):
+        assert (await client.get("/readyz")).status_code == 200
+        assert gc.get_freeze_count() > 10_000  # a full collection no longer walks torch/timm/app objects
+    gc.unfreeze()
