@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed-stamp
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install tools serve serve-assets test lint bench audit soak
+.PHONY: install tools serve serve-assets test lint bench audit soak gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,14 +19,20 @@ install: $(STAMP)
 tools: $(STAMP)
 	bash docker/ci-tools.sh $(VENV)
 
+## How `make serve` runs passes (docs/backends.md): on a CPU, OpenVINO fp32 graphs, one per keep-rate bucket
+## (cached in ~/.cache/evit-serve/graphs); eager fp16 torch on CUDA. Eager fp32, any exact keep rate:
+## make serve BACKEND_ARGS="--backend torch"; bf16 (faster, outside the accuracy bounds): BACKEND_ARGS="--backend auto --precision auto"
+BACKEND_ARGS ?= --backend auto
+
 ## Serve the default model (DeiT-S, timm hub weights) on 127.0.0.1:8000.
 serve: $(STAMP)
-	$(VENV)/bin/evit-serve $(SERVE_ARGS)
+	$(VENV)/bin/evit-serve $(BACKEND_ARGS) $(SERVE_ARGS)
 
 ## Serve the real ViT-Ti weights from ../shared/assets (works offline).
 serve-assets: $(STAMP)
 	$(VENV)/bin/evit-serve --model vit_tiny_patch16_224 \
-	  --checkpoint ../shared/assets/weights/vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors $(SERVE_ARGS)
+	  --checkpoint ../shared/assets/weights/vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors \
+	  $(BACKEND_ARGS) $(SERVE_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -47,3 +53,14 @@ soak: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m evit.tools.bench --model deit_small_patch16_224 --batch-size 16 --keep-rates 1.0,0.9,0.7,0.5
+
+## Every CUDA test and the GPU benchmarks in one call (< 8 min on one GPU), printing the ratios; on a machine
+## without a GPU the tests skip and say why.
+gpu-check: $(STAMP)
+	timeout 480 $(PY) -m pytest -m cuda -p no:randomly -q -rs $(PYTEST_ARGS)
+	@if $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
+	  for p in fp32 fp16; do timeout 120 $(PY) -m evit.tools.bench --device cuda --backend torch --precision $$p \
+	    --model deit_small_patch16_224 --batch-size 64 --rounds 5 --out /tmp/evit-gpu-torch-$$p.json || exit 1; done; \
+	  timeout 150 $(PY) -m evit.tools.bench --device cuda --backend onnxruntime --precision fp16 \
+	    --model deit_small_patch16_224 --batch-size 64 --rounds 5 --out /tmp/evit-gpu-ort-fp16.json; \
+	else echo "gpu-check: no CUDA device here: GPU benchmarks skipped"; fi

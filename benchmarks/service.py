@@ -3,7 +3,10 @@
 Measures, in one run: the raw pipeline in this process (decode + preprocess + batched forward, in a loop);
 the service's throughput at saturation (concurrent clients on loopback) with batching on and off; p50/p99
 latency at low load against the raw single-image time; ``/healthz`` latency while the model is saturated;
-and the batch-formation policies (auto / mixed / grouped) on a mixed keep-rate workload.
+and the batch-formation policies (auto / mixed / grouped) on a mixed keep-rate workload. With ``--backend`` /
+``--precision`` (e.g. ``--backend openvino --precision auto``) a server on that backend is loaded the same way
+in every round and compared with the eager fp32 service: throughput ratio and p50/p99 latency of each
+(phase ``fast``; ``--backend-only`` runs just these two).
 
 All servers start first and stay up; the phases then run interleaved, round after round, and each phase
 reports its median round (the low-load comparison alternates one raw image and one request). On a CPU that
@@ -127,14 +130,28 @@ def summarise(rounds: list[dict]) -> dict:
         out["codes"] = codes
         out["mean_ms"] = {f"{k:.2f}": 1000 * statistics.fmean(v) for k, v in pooled.items() if v}
         out["p50_ms"] = {f"{k:.2f}": 1000 * percentile(v, 50) for k, v in pooled.items() if v}
+        out["p99_ms"] = {f"{k:.2f}": 1000 * percentile(v, 99) for k, v in pooled.items() if v}
     return out
+
+
+def backend_flags(args: argparse.Namespace) -> dict[str, object]:
+    """The compared server's flags: its backend and precision, buckets covering the benchmark's rates."""
+    rates = sorted({args.keep_rate, *MIXED_RATES})
+    return {"backend": args.backend, "precision": args.precision, "keep_rates": ",".join(map(str, rates))}
+
+
+def server_set(args: argparse.Namespace) -> dict[str, dict[str, object]]:
+    servers = {"batched": {}} if args.backend_only else dict(SERVERS)
+    if args.backend != "torch" or args.precision not in ("fp32", None):
+        servers["fast"] = backend_flags(args)
+    return servers
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     images = load_images(args.images, 64)
     clients = args.clients or 2 * args.batch_size
     spec = ModelSpec(arch=args.model, weights=str(args.checkpoint) if args.checkpoint else "random")
-    servers = {name: start_server(args, flags) for name, flags in SERVERS.items()}
+    servers = {name: start_server(args, flags) for name, flags in server_set(args).items()}
     try:
         raw = RawPipeline(spec, args.batch_size, args.keep_rate)
         for proc, url in servers.values():
@@ -145,11 +162,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         phases: dict[str, Callable[[], dict]] = {
             "raw": lambda: raw.saturate(images, sec),
             "service": lambda: saturate(url["batched"], images, clients, sec, rate, health),
-            "batching_off": lambda: saturate(url["unbatched"], images, clients, sec, rate),
-            "policy_auto": lambda: saturate(url["batched"], images, clients, sec, MIXED_RATES),
-            "policy_mixed": lambda: saturate(url["mixed"], images, clients, sec, MIXED_RATES),
-            "policy_grouped": lambda: saturate(url["grouped"], images, clients, sec, MIXED_RATES),
         }
+        if "fast" in url:
+            phases["fast"] = lambda: saturate(url["fast"], images, clients, sec, rate)
+        if not args.backend_only:
+            phases.update({
+                "batching_off": lambda: saturate(url["unbatched"], images, clients, sec, rate),
+                "policy_auto": lambda: saturate(url["batched"], images, clients, sec, MIXED_RATES),
+                "policy_mixed": lambda: saturate(url["mixed"], images, clients, sec, MIXED_RATES),
+                "policy_grouped": lambda: saturate(url["grouped"], images, clients, sec, MIXED_RATES),
+            })
         rounds: dict[str, list[dict]] = {name: [] for name in phases}
         for r in range(args.rounds):
             for name, phase in phases.items():
@@ -163,16 +185,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for proc, _ in servers.values():
             stop_server(proc)
     report.update(model=args.model, weights=spec.weights, batch_size=args.batch_size, keep_rate=args.keep_rate,
+                  backend=args.backend, precision=args.precision,
                   clients=clients, rounds=args.rounds, seconds_per_phase=sec, cpus=os.cpu_count(),
                   torch_threads=torch.get_num_threads())
     return report
 
 
+def print_backend(report: dict[str, Any]) -> None:
+    """The compared backend against the eager fp32 service: throughput ratio, p50/p99 of each."""
+    svc, fast = report["service"], report["fast"]
+    key = f"{report['keep_rate']:.2f}"
+    report["ratios"]["backend_over_eager_fp32_service"] = ratio = fast["throughput"] / svc["throughput"]
+    for name, r in (("eager fp32 service", svc), (f"{report['backend']} {report['precision']}", fast)):
+        print(f"{name:24s} {r['throughput']:8.1f} req/s   p50 {r['p50_ms'][key]:.0f} ms  p99 {r['p99_ms'][key]:.0f} ms")
+    print(f"{report['backend']} {report['precision']} over eager fp32 service: x{ratio:.2f} (goal >= 2)")
+
+
 def print_report(report: dict[str, Any]) -> None:
-    raw, svc, off, low = report["raw"], report["service"], report["batching_off"], report["low_load"]
+    raw, svc, low = report["raw"], report["service"], report["low_load"]
     report["ratios"] = ratios = {
         "service_over_raw": svc["throughput"] / raw["throughput"],
-        "batching_on_over_off": svc["throughput"] / off["throughput"],
         "low_load_p50_minus_raw_single_ms": low["p50_ms"] - low["raw_single_p50_ms"],
         "healthz_p99_ms_at_saturation": svc["healthz_ms"]["p99"],
     }
@@ -180,6 +212,12 @@ def print_report(report: dict[str, Any]) -> None:
           f"{report['clients']} clients, median of {report['rounds']} interleaved rounds")
     print(f"raw pipeline       {raw['throughput']:8.1f} img/s")
     print(f"service saturated  {svc['throughput']:8.1f} img/s   x{ratios['service_over_raw']:.3f} of raw (goal >= 0.9)")
+    if "fast" in report:
+        print_backend(report)
+    if "batching_off" not in report:
+        return
+    off = report["batching_off"]
+    ratios["batching_on_over_off"] = svc["throughput"] / off["throughput"]
     print(f"batching off       {off['throughput']:8.1f} img/s   on/off x{ratios['batching_on_over_off']:.2f}")
     print(f"low load           p50 {low['p50_ms']:.1f} ms  p99 {low['p99_ms']:.1f} ms  raw single image "
           f"{low['raw_single_p50_ms']:.1f} ms  difference {ratios['low_load_p50_minus_raw_single_ms']:+.1f} ms "
@@ -207,6 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         ("--out", Path, Path("out/service-bench.json"), "JSON report"),
     ):
         p.add_argument(flag, type=kind, default=default, help=text)
+    p.add_argument("--backend", choices=["torch", "onnxruntime", "openvino"], default="torch",
+                   help="also serve on this backend and compare it with the eager fp32 service")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--backend-only", action="store_true",
+                   help="only the eager fp32 service and the --backend one (no batching-off / policy servers)")
     args = p.parse_args(argv)
     if args.checkpoint and not args.checkpoint.is_file():
         print(f"no checkpoint at {args.checkpoint}: random weights (timings only)")

@@ -220,7 +220,9 @@ def reorganize(
     rank = cls_attn if score is None else score
     top_idx = None  # nothing to prune in this group
     if not (k_max >= n and len(subgroups) == 1):
-        if fusion == "nearest":  # every token in rank order: the kept ones first, then the rest
+        if fusion == "nearest" and torch.onnx.is_in_onnx_export():  # ONNX TopK orders ties by index, as stable
+            top_idx = rank.topk(n, dim=1, largest=True, sorted=True).indices  # B, n
+        elif fusion == "nearest":  # every token in rank order: the kept ones first, then the rest
             top_idx = rank.argsort(dim=1, descending=True, stable=True)  # B, n
         else:
             top_idx = rank.topk(k_max, dim=1, largest=True, sorted=True).indices  # B, k_max
@@ -258,8 +260,8 @@ def _keep(x: torch.Tensor, side: Side, cls_attn: torch.Tensor, order: torch.Tens
         kept = tokens.gather(1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))  # b, k, C
     parts = [x[:, :P], kept]
     if fusion == "one":
-        w = fuse_weights(cls_attn, idx, options.normalize).to(tokens.dtype)  # b, n
-        parts.append(torch.bmm(w.unsqueeze(1), tokens))  # b, 1, C
+        w = fuse_weights(cls_attn, idx, options.normalize)  # b, n (float32: the sum stays exact)
+        parts.append(torch.bmm(w.unsqueeze(1), tokens.float()).to(tokens.dtype))  # b, 1, C
     return torch.cat(parts, dim=1), side.select(idx, fusion, merged)
 
 

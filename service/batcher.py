@@ -289,8 +289,9 @@ class Batcher:
     # -- on the device thread ------------------------------------------------------------------------
     def _run(self, q: ModelQueue, batch: list[Job], loop: asyncio.AbstractEventLoop) -> None:
         hosted = q.hosted
-        passes = plan_passes([p.rate for p in batch], hosted.gmacs, q.latency.cost,
-                             self.settings.batch_policy)
+        # a compiled runner holds one graph per rate: a mixed-rate batch is one pass per rate
+        policy = self.settings.batch_policy if hosted.runner.info.keep_rates is None else "grouped"
+        passes = plan_passes([p.rate for p in batch], hosted.gmacs, q.latency.cost, policy)
         for indices in passes:
             items = [batch[i] for i in indices if not batch[i].future.done()]  # clients gone since forming
             if items:

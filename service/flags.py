@@ -33,6 +33,12 @@ HELP = {
     "labels); replaces the flat model flags",
     "seed": "seeds random weights so replicas agree",
     "device": "auto | cpu | cuda | cuda:N",
+    "backend": "torch: eager, any keep rate; onnxruntime / openvino: compiled graphs per keep-rate bucket; "
+    "auto: openvino on a CPU where installed, else torch (what make serve uses)",
+    "precision": "auto: fp16 on CUDA, bf16 on a CPU with native bf16, else fp32 (none: fp32 on CPU, fp16 on CUDA)",
+    "keep_rates": "compiled backends: the keep-rate buckets, comma-separated (none: 0.5,0.55,...,1.0)",
+    "graph_cache_dir": "compiled backends: where graphs are cached across restarts",
+    "cuda_graphs": "torch backend on CUDA: replay CUDA graphs for passes whose samples share a keep rate",
     "half": "float16 on CUDA (CPU always runs float32)",
     "torch_threads": "torch's intra-op threads (none: torch's default)",
     "max_batch_size": "most requests in one forward pass",

@@ -16,10 +16,11 @@ from timm.data import ImageNetInfo, infer_imagenet_subset
 from torch import nn
 
 import evit
+from evit.backends import BackendMissing
 from service.exceptions import UnknownModel
 from service.images import ImageLimits, Preprocessor, check_formats
 from service.runners.base import Runner
-from service.runners.torch import TorchRunner
+from service.runners.select import build_runner, runner_precision
 from service.settings import ASSET_CHECKPOINT, ModelSpec, Settings
 
 log = logging.getLogger("service.registry")
@@ -89,6 +90,9 @@ class HostedModel:
             "random_weights": self.spec.random_weights,
             "device": info.device,
             "dtype": DTYPE_NAMES[info.precision],
+            "backend": info.backend,
+            "precision": info.precision,
+            "keep_rates": list(info.keep_rates) if info.keep_rates is not None else None,
             "ready": self.ready,
             "gmacs": {f"{r:.2f}": round(c.gmacs, 4) for r, c in costs.items()},
             "tokens": {f"{r:.2f}": c.total_tokens for r, c in costs.items()},
@@ -195,8 +199,12 @@ def host(spec: ModelSpec, settings: Settings, device: torch.device) -> HostedMod
     """Build one model and its runner on ``device`` (float16 on CUDA when ``settings.half``)."""
     model = build_model(spec, settings.seed)
     check_finite_weights(model, spec)
-    dtype = torch.float16 if device.type == "cuda" and settings.half else torch.float32
-    runner = TorchRunner(model, device, dtype, spec.arch)
+    try:
+        precision = runner_precision(settings.precision, device, settings.half)
+        runner = build_runner(model, device, settings.backend, precision, spec.arch, settings.keep_rates,
+                              settings.graph_cache_dir, settings.torch_threads, settings.cuda_graphs)
+    except (BackendMissing, ValueError) as e:
+        raise ModelLoadError(f"model {spec.name!r}, backend {settings.backend}: {e}") from e
     limits = ImageLimits(settings.max_image_pixels, check_formats(settings.image_formats), settings.jpeg_draft,
                          settings.max_image_aspect_ratio, settings.max_decoded_bytes)
     preprocess = Preprocessor(runner.data_config, limits)

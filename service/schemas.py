@@ -55,6 +55,10 @@ class ModelInfo(BaseModel):
     random_weights: bool = Field(description="true: predictions are meaningless")
     device: str
     dtype: str
+    backend: str = Field("torch", description="what runs the passes: torch (eager), onnxruntime or openvino")
+    precision: str = Field("fp32", description="fp32, bf16 or fp16")
+    keep_rates: list[float] | None = Field(
+        None, description="compiled backends: the keep-rate buckets a request's rate snaps to (null: any rate)")
     ready: bool
     gmacs: dict[str, float] = Field(description="GMACs per image at a few keep rates")
     tokens: dict[str, int] = Field(description="tokens the blocks process per image at those keep rates")

@@ -73,7 +73,14 @@ class Settings(BaseSettings):
 
     # runtime
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    half: bool = True  # float16 on CUDA (CPU always runs float32)
+    half: bool = True  # float16 on CUDA when no precision is given
+    # how passes run (docs/backends.md): eager torch (any keep rate, exact, per sample) or compiled graphs,
+    # one per keep-rate bucket, cached on disk
+    backend: Literal["torch", "onnxruntime", "openvino", "auto"] = "torch"  # auto: openvino on a CPU, else torch
+    precision: Literal["auto", "fp32", "bf16", "fp16"] | None = None  # None: fp16 on CUDA (half), fp32 on CPU
+    keep_rates: Annotated[tuple[float, ...] | None, NoDecode] = None  # compiled buckets; None: 0.5, 0.55, ..., 1.0
+    graph_cache_dir: Path = Path("~/.cache/evit-serve/graphs")
+    cuda_graphs: bool = False  # torch backend on CUDA: replay captured graphs for uniform-rate passes
     torch_threads: int | None = Field(None, ge=1)
     decode_threads: int | None = Field(None, ge=1)  # None: min(4, CPU cores)
 
@@ -134,6 +141,18 @@ class Settings(BaseSettings):
     @classmethod
     def _blocks(cls, v: Any) -> Any:
         return None if v in ("", None) else _split_commas(v)
+
+    @field_validator("keep_rates", mode="before")
+    @classmethod
+    def _buckets(cls, v: Any) -> Any:
+        return None if v in ("", None) else _split_commas(v)
+
+    @field_validator("keep_rates")
+    @classmethod
+    def _bucket_range(cls, v: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if v is not None and not all(0.0 < r <= 1.0 for r in v):
+            raise ValueError(f"keep-rate buckets must be in (0, 1], got {v}")
+        return v
 
     @field_validator("metrics_path", "docs_path")
     @classmethod
