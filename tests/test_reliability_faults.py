@@ -10,9 +10,9 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from _gate import metric, until
 from _hostile import encode, noise
 from _reliability import LEAK, record
-from test_service_api import metric, until
 
 pytestmark = pytest.mark.anyio
 SECRET_PATH = "/srv/models/secret_checkpoint.py"

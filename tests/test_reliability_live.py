@@ -18,11 +18,11 @@ import uuid
 
 import httpx
 import pytest
+from _gate import metric
 from _hostile import jpegs
 from _live import VIT_TI_224, live_server
 from _load import Client, p99, summary
 from _reliability import record
-from test_service_api import metric
 
 pytestmark = pytest.mark.slow
 TOKEN = "live-token-" + uuid.uuid4().hex

@@ -16,11 +16,11 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+from _gate import metric
 from _hostile import jpegs
 from _live import VIT_TI_224, LiveServer
 from _load import Client, Outcome, summary
 from _reliability import record
-from test_service_api import metric
 
 pytestmark = pytest.mark.slow
 MODEL = VIT_TI_224

@@ -86,6 +86,25 @@ async def test_tokens_guard_every_route_but_health_metrics_and_docs(serve, token
     assert TOKEN_ENV not in logged and TOKEN_FILE not in logged
 
 
+NEAR_OPEN = ("/metricsX", "/metrics/x", "/metrics/", "/docs/x", "/docsx", "/docs/", "/redoc/x", "/openapi.jsonx",
+             "/openapi.json/x", "/healthzz", "/healthz/", "/healthz/x", "/readyz2", "/HEALTHZ", "/v2/health/livex",
+             "/v2/health/ready/x", "/x/healthz", "//healthz")
+
+
+@pytest.mark.parametrize("metrics_path", ["/metrics", "/internal/metrics"])
+async def test_open_paths_match_exactly(serve, token_settings, metrics_path) -> None:
+    """A path that only starts or ends like an open one (or differs in case) needs the token like any other."""
+    settings = token_settings.model_copy(update={"metrics_path": metrics_path})
+    async with serve(settings) as (_, client):
+        tally(client)
+        for path in (*NEAR_OPEN, metrics_path + "x", metrics_path + "/x", metrics_path.upper()):
+            for method in ("GET", "POST"):
+                r = await client.request(method, path)
+                assert r.status_code == 401 and r.json()["error"] == "unauthorized", (method, path)
+        assert (await client.get(metrics_path)).status_code == 200
+        assert (await client.get("/healthz")).status_code == 200
+
+
 def test_token_settings_fail_clearly(tmp_path, capsys) -> None:
     from service.__main__ import main
 

@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from _gate import metric as parse_metric
 from _live import live_server
-from test_service_api import metric as parse_metric
 
 pytestmark = pytest.mark.slow
 
