@@ -81,8 +81,9 @@ def test_sigkill_under_load_then_restart(box) -> None:
     in_flight = sum(o.kind == "dropped" for o in failed)
     record("sigkill_restart", {
         "what": f"{CLIENTS} back-to-back clients, SIGKILL after 1.5 s and {CLIENTS} answers, restart on the same port",
-        "sent": len(outcomes) + 1, "accepted": kinds["accepted"] + 1, "rejected": kinds["refused"],
-        "lost": in_flight, "crashes": 0, "memory_growth_mb": None,
+        "sent": len(outcomes) + 1, "answered": sum(o.status is not None for o in outcomes) + 1,
+        "unaccepted": kinds["refused"], "accepted": kinds["accepted"] + 1, "rejected": kinds["refused"],
+        "crashes": kinds["crash"], "memory_growth_mb": None,  # the one exit is the SIGKILL itself
         "notes": f"the {in_flight} requests in flight at the kill are lost by definition (SIGKILL leaves no time "
                  f"to answer): each got a connection error within {slowest:.2f} s of the kill, none hung; "
                  f"{kinds['refused']} sent after it were refused at connect; restarted process ready "
@@ -111,7 +112,9 @@ def test_sigterm_under_load_loses_no_accepted_request(box) -> None:
         "what": f"{CLIENTS} back-to-back clients, SIGTERM after 1.5 s and {CLIENTS} answers "
                 f"(drain timeout {LIMITS['drain_timeout_s']:g} s)",
         "sent": len(outcomes), "accepted": kinds["accepted"], "rejected": len(refused) + len(no_answer),
-        "lost": len(lost), "crashes": 0, "memory_growth_mb": None,
+        "answered": sum(o.status is not None for o in outcomes),
+        "unaccepted": sum(o.request_id not in handled for o in no_answer),  # reached a closed listener
+        "crashes": kinds["crash"], "memory_growth_mb": None,
         "notes": f"{len(answered_after)} requests accepted before the signal were answered 200 after it; "
                  f"{len(refused)} got 503 draining + Retry-After; {len(no_answer)} reached a closed listener (never "
                  "handled by the server, per its request log); exit status 0",

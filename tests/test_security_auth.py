@@ -9,7 +9,7 @@ from collections import Counter
 
 import httpx
 import pytest
-from _reliability import LEAK, record
+from _reliability import LEAK, Tally, record
 from pydantic import ValidationError
 
 from service.logs import JsonFormatter
@@ -18,14 +18,33 @@ from service.settings import Settings
 pytestmark = pytest.mark.anyio
 TOKEN_ENV = "env-token-0123456789abcdef"
 TOKEN_FILE = "file-token-fedcba9876543210"
-TALLY: Counter[int] = Counter()
+TALLY = Tally()  # every request this module's tests send (see record_figures)
 
 
 def tally(client) -> None:
-    async def hook(response) -> None:
-        TALLY[response.status_code] += 1
+    TALLY.attach(client)
 
-    client.event_hooks["response"].append(hook)
+
+@pytest.fixture(scope="module", autouse=True)
+def record_figures():
+    """After this module's tests (whichever ran, in any order): their requests, measured by the clients."""
+    TALLY.sent, TALLY.codes = 0, Counter()
+    yield
+    codes = TALLY.codes
+    if not TALLY.sent:
+        return
+    injected = min(1, codes[500])  # the deliberate exception of test_no_stack_traces_...
+    record("security", {
+        "what": "bearer tokens from env and file (wrong, partial, other schemes, non-ASCII headers), open health/"
+                "metrics/docs paths and near misses of them, deny-by-default routes, moved and disabled /metrics "
+                "and /docs, an injected unexpected error, request ids (valid, too long, odd characters) in answers "
+                "and logs",
+        "sent": TALLY.sent, "answered": TALLY.answered, "accepted": codes[200],
+        "rejected": sum(n for c, n in codes.items() if 400 <= c < 500) + injected,
+        "crashes": sum(n for c, n in codes.items() if c >= 500) - injected, "memory_growth_mb": None,
+        "notes": f"by status: {TALLY.by_status()}; the one 500 is the injected exception (generic message, trace "
+                 "only in the log)",
+    })
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -177,20 +196,3 @@ async def test_no_stack_traces_or_paths_and_request_ids(serve, tiny_settings, im
     for r in access:
         entry = json.loads(JsonFormatter().format(r))
         assert {"request_id", "method", "path", "status", "duration_ms"} <= entry.keys()
-
-
-def test_zz_record() -> None:
-    """Runs last in this module: the tally of every request the tests above sent."""
-    sent = sum(TALLY.values())
-    if not sent:
-        pytest.skip("no requests were sent (the tests above were deselected)")
-    injected = min(1, TALLY[500])  # the deliberate exception of test_no_stack_traces_...
-    record("security", {
-        "what": "bearer tokens from env and file (wrong, partial, other schemes, non-ASCII headers), open health/"
-                "metrics/docs paths, deny-by-default routes, moved and disabled /metrics and /docs, an injected "
-                "unexpected error, request ids (valid, too long, odd characters) in answers and logs",
-        "sent": sent, "accepted": TALLY[200], "rejected": sum(n for c, n in TALLY.items() if 400 <= c < 500) + injected,
-        "lost": 0, "crashes": sum(n for c, n in TALLY.items() if c >= 500) - injected, "memory_growth_mb": None,
-        "notes": "by status: " + ", ".join(f"{c}: {n}" for c, n in sorted(TALLY.items()))
-                 + "; the one 500 is the injected exception (generic message, trace only in the log)",
-    })
