@@ -92,7 +92,7 @@ class Settings(BaseSettings):
     # input limits
     max_body_bytes: int = Field(20 * 2**20, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)  # checked from the image header, before decoding
-    image_formats: tuple[str, ...] = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
+    image_formats: Annotated[tuple[str, ...], NoDecode] = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
     jpeg_draft: bool = True  # let libjpeg downscale large JPEGs while decoding (never below the resize)
     max_top_k: int = Field(100, ge=1)
 
@@ -109,7 +109,7 @@ class Settings(BaseSettings):
     log_level: str = "info"
     log_json: bool = True
 
-    @field_validator("model", "checkpoint", "api_tokens", mode="before")
+    @field_validator("model", "checkpoint", "api_tokens", "image_formats", mode="before")
     @classmethod
     def _lists(cls, v: Any) -> Any:
         return _split_commas(v)

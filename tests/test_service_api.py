@@ -274,7 +274,7 @@ async def test_models_and_openapi(serve, tiny_settings) -> None:
         assert m["gmacs"]["1.00"] > m["gmacs"]["0.70"] > m["gmacs"]["0.50"]
         spec = (await client.get("/openapi.json")).json()
         responses = spec["paths"]["/classify"]["post"]["responses"]
-        for code in ("200", "400", "404", "408", "413", "415", "422", "503", "504"):
+        for code in ("200", "400", "404", "408", "413", "415", "422", "500", "503", "504"):
             assert code in responses
         assert responses["413"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
         assert "Retry-After" in responses["503"]["headers"]

@@ -115,3 +115,14 @@ def test_keep_rate_labels_are_bucketed() -> None:
     assert [rate_label(r) for r in (1.0, 0.62, 0.625, 0.5, 0.33, 0.01, None)] == [
         "1.00", "0.60", "0.60", "0.50", "0.35", "0.05", "none"]
     assert len({rate_label(i / 1000) for i in range(1, 1001)}) == 20  # bounded cardinality
+
+
+def test_list_settings_take_commas(monkeypatch) -> None:
+    """Every list setting takes one format from the environment: comma-separated."""
+    monkeypatch.setenv("EVIT_IMAGE_FORMATS", "JPEG, PNG")
+    monkeypatch.setenv("EVIT_MODEL", "a=vit_tiny_patch16_224,deit_tiny_patch16_224")
+    monkeypatch.setenv("EVIT_PRUNE_BLOCKS", "3,6,9")
+    monkeypatch.setenv("EVIT_API_TOKENS", "token-a-0123456789abcdef,token-b-0123456789abcdef")
+    s = parse_settings([])
+    assert s.image_formats == ("JPEG", "PNG") and s.prune_blocks == (3, 6, 9)
+    assert s.model == ["a=vit_tiny_patch16_224", "deit_tiny_patch16_224"] and len(s.api_tokens) == 2
