@@ -24,6 +24,7 @@ import httpx
 import pytest
 import yaml
 from _live import free_port, live_server, wait_ok
+from conftest import skip_or_fail
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -151,7 +152,7 @@ def test_every_metric_the_deployment_uses_is_exported(exported: dict[str, set[st
 def prometheus(service: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     exe = shutil.which("prometheus")
     if not exe:
-        pytest.skip("prometheus server not installed (Debian package prometheus; docker/ci-tools.sh installs it)")
+        skip_or_fail("prometheus server not installed (Debian package prometheus; docker/ci-tools.sh installs it)")
     tmp = tmp_path_factory.mktemp("prometheus")
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
