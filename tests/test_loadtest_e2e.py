@@ -118,11 +118,12 @@ def test_closed_loop_percentiles_match_injected_latency(tmp_path):
             "--keep-rates 0.1:2,0.5:2,1.0:2,0.3:1 --image-size 32 --generated 2",
         )
     base, fast, slow, failing = (res["per_keep_rate"][k] for k in ("0.1", "0.5", "1.0", "0.3"))
-    assert base["p50"] < 0.1
+    assert base["p50"] < 0.5
     for stats, injected in ((fast, 0.03), (slow, 0.08)):
         assert stats["ok"] == stats["sent"] > 5 and stats["errors"] == {}
-        assert injected <= stats["p50"] <= stats["p90"] <= stats["p95"] <= stats["p99"] <= stats["max"] < 2
-        assert stats["p50"] - base["p50"] == pytest.approx(injected, abs=0.02), (stats, base)
+        assert injected <= stats["p50"] <= stats["p90"] <= stats["p95"] <= stats["p99"] <= stats["max"] < 10
+        # at least the injected sleep above the round trip (less 10 ms of jitter), at most 100 ms more (busy CPU)
+        assert injected - 0.01 <= stats["p50"] - base["p50"] <= injected + 0.1, (stats, base)
     assert failing["ok"] == 0 and failing["errors"] == {"503": failing["sent"]} and failing["p50"] is None
     assert res["sent"] == base["sent"] + fast["sent"] + slow["sent"] + failing["sent"]
     assert res["ok"] == base["ok"] + fast["ok"] + slow["ok"]

@@ -87,7 +87,8 @@ def test_body_size_limit_is_enforced_while_streaming(server) -> None:
         sock.sendall(head(content_length="1000000000") + b"\xff" * 1024)
         status, _, body = response(sock)
         outcomes.append(status)
-        assert status == 413 and b'"body_too_large"' in body and time.monotonic() - start < 2.0
+        first_s = time.monotonic() - start
+        assert status == 413 and b'"body_too_large"' in body and first_s < 10.0  # (body timeout: 15 s)
     # 2. chunked (no length): 2 MB of chunks, never terminated; the 413 comes while the body is still open
     with raw_connection(server.port) as sock:
         sock.sendall(head(transfer_encoding="chunked"))
@@ -115,8 +116,8 @@ def test_body_size_limit_is_enforced_while_streaming(server) -> None:
         "sent": len(outcomes) + 1, "answered": sum(s is not None for s in outcomes) + 1, "accepted": 1,
         "rejected": len(outcomes), "crashes": int(server.proc.poll() is not None),
         "memory_growth_mb": round(growth, 1),
-        "notes": "every oversized body got 413 body_too_large before it ended (the first within 2 s of its "
-                 "headers); then a normal request got 200",
+        "notes": "every oversized body got 413 body_too_large before it ended (the first "
+                 f"{first_s:.2f} s after its headers); then a normal request got 200",
     })
 
 
@@ -245,8 +246,10 @@ def test_request_ids_and_one_json_log_line_per_request(server) -> None:
         headers = {"x-request-id": rid, "content-type": "image/jpeg", **(AUTH if i % 2 == 0 else {})}
         r = httpx.post(server.url + "/classify", content=BODIES[i], headers=headers, timeout=30)
         assert r.headers["x-request-id"] == rid and r.status_code == (200 if i % 2 == 0 else 401)
-    time.sleep(0.2)
-    lines = [e for e in server.access() if e["request_id"] in ids]
+    deadline = time.monotonic() + 10
+    while len(lines := [e for e in server.access() if e["request_id"] in ids]) < len(ids):  # logged after the answer
+        assert time.monotonic() < deadline, lines
+        time.sleep(0.02)
     assert sorted(e["request_id"] for e in lines) == sorted(ids)  # exactly one line each
     assert [e["status"] for e in sorted(lines, key=lambda e: ids.index(e["request_id"]))] == [200, 401] * 2 + [200]
     assert TOKEN not in server.log_text()

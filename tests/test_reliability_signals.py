@@ -31,12 +31,10 @@ CLIENTS = 16
 
 @pytest.fixture(scope="module")
 def box(tmp_path_factory):
-    """The servers of this module; the SIGKILL test appends the restarted one."""
-    log_dir = tmp_path_factory.mktemp("signals")
-    first = LiveServer(log_dir, model=MODEL, **LIMITS)
-    state = SimpleNamespace(log_dir=log_dir, servers=[first])
+    """The servers of this module (each test starts its own: any order, alone or together); all closed at
+    the end."""
+    state = SimpleNamespace(log_dir=tmp_path_factory.mktemp("signals"), servers=[])
     try:
-        first.wait_ready()
         yield state
     finally:
         for server in state.servers:
@@ -58,8 +56,15 @@ async def load_then_signal(server: LiveServer, sig: int, after: float) -> tuple[
         return await load, signalled
 
 
+def fresh(box, port: int | None = None) -> LiveServer:
+    server = LiveServer(box.log_dir, port=port, model=MODEL, **LIMITS)
+    box.servers.append(server)
+    server.wait_ready()
+    return server
+
+
 def test_sigkill_under_load_then_restart(box) -> None:
-    server = box.servers[-1]
+    server = fresh(box)
     outcomes, killed = asyncio.run(load_then_signal(server, signal.SIGKILL, 1.5))
     assert server.wait(10) == -signal.SIGKILL
     kinds = summary(outcomes)
@@ -71,9 +76,7 @@ def test_sigkill_under_load_then_restart(box) -> None:
     assert slowest < 3.0  # nobody hung
 
     start = time.monotonic()
-    restarted = LiveServer(box.log_dir, port=server.port, model=MODEL, **LIMITS)
-    box.servers.append(restarted)
-    restarted.wait_ready()
+    restarted = fresh(box, server.port)
     ready_s = time.monotonic() - start
     r = httpx.post(restarted.url + "/classify", content=BODIES[0], headers={"content-type": "image/jpeg"}, timeout=30)
     assert r.status_code == 200
@@ -92,7 +95,7 @@ def test_sigkill_under_load_then_restart(box) -> None:
 
 
 def test_sigterm_under_load_loses_no_accepted_request(box) -> None:
-    server = box.servers[-1]
+    server = fresh(box)
     outcomes, terminated = asyncio.run(load_then_signal(server, signal.SIGTERM, 1.5))
     assert server.wait(30) == 0
     handled = {e["request_id"]: e["status"] for e in server.access()}
