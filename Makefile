@@ -48,6 +48,14 @@ RELIABILITY_TESTS ?= tests/test_reliability_corpus.py tests/test_reliability_fau
 reliability-report: $(STAMP)
 	EVIT_RELIABILITY_REPORT=1 $(PY) -m pytest $(RELIABILITY_TESTS) $(PYTEST_ARGS)
 
+## Mutation score (not in the default run): mutmut over the modules and tests in pyproject's [tool.mutmut],
+## bounded by MUTATION_TIMEOUT seconds; MUTANTS narrows it (e.g. MUTANTS='service.auth*'). Survivors: `mutmut results`.
+MUTANTS ?=
+MUTATION_TIMEOUT ?= 1800
+mutation: $(STAMP)
+	PYTHONPATH=. timeout $(MUTATION_TIMEOUT) $(VENV)/bin/mutmut run $(MUTANTS) || test $$? = 124
+	$(VENV)/bin/mutmut results
+
 ## The soak test (not in the default run): EVIT_SOAK_REQUESTS requests (default 20000); figures in docs/reliability.md.
 soak: $(STAMP)
 	EVIT_RELIABILITY_REPORT=1 $(PY) -m pytest -m soak tests/test_soak.py $(PYTEST_ARGS)
