@@ -196,3 +196,21 @@ async def test_no_stack_traces_or_paths_and_request_ids(serve, tiny_settings, im
     for r in access:
         entry = json.loads(JsonFormatter().format(r))
         assert {"request_id", "method", "path", "status", "duration_ms"} <= entry.keys()
+
+
+async def test_token_edges_and_401_messages(serve, tiny_settings) -> None:
+    """Mutation survivors killed: the 16-character minimum is inclusive, '~' is printable, extra spaces after
+    the scheme are tolerated, and the 401 says whether the token was missing or wrong."""
+    edge = "~" * 16
+    with pytest.raises(ValidationError):
+        Settings(api_tokens="x" * 15)
+    with pytest.raises(ValidationError):
+        Settings(api_tokens="x" * 15 + "\x7f")
+    async with serve(tiny_settings(api_tokens=edge)) as (_, client):
+        tally(client)
+        assert (await client.get("/models", headers={"authorization": f"Bearer  {edge}"})).status_code == 200
+        missing = await client.get("/models")
+        wrong = await client.get("/models", headers=bearer("~" * 17))
+        assert missing.status_code == wrong.status_code == 401
+        assert missing.json()["message"].startswith("missing bearer token")
+        assert wrong.json()["message"].startswith("invalid bearer token")
