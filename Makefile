@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed-stamp
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install tools serve serve-assets test lint bench audit soak gpu-check
+.PHONY: install tools serve serve-assets test lint bench audit soak gpu-check reliability-report mutation
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -47,12 +47,29 @@ test: lint tools
 audit: $(STAMP)
 	$(PY) .ci/audit.py
 
+## The reliability, fuzz and security checks, then (only if every one passed) their measured figures written to
+## docs/reliability.json and the figures section of docs/reliability.md. `make test` writes neither.
+RELIABILITY_TESTS ?= tests/test_reliability_corpus.py tests/test_reliability_faults.py tests/test_reliability_live.py \
+	tests/test_reliability_signals.py tests/test_fuzz_api.py tests/test_fuzz_decode.py tests/test_security_auth.py
+reliability-report: $(STAMP)
+	EVIT_RELIABILITY_REPORT=1 $(PY) -m pytest $(RELIABILITY_TESTS) $(PYTEST_ARGS)
+
+## Mutation score (not in the default run): mutmut over the modules and tests in pyproject's [tool.mutmut],
+## bounded by MUTATION_TIMEOUT seconds; MUTANTS narrows it (e.g. MUTANTS='service.auth*'). Survivors: `mutmut results`.
+MUTANTS ?=
+MUTATION_TIMEOUT ?= 1800
+mutation: $(STAMP)
+	PYTHONPATH=. timeout $(MUTATION_TIMEOUT) $(VENV)/bin/mutmut run $(MUTANTS) || test $$? = 124
+	$(VENV)/bin/mutmut results
+
 ## The soak test (not in the default run): EVIT_SOAK_REQUESTS requests (default 20000); figures in docs/reliability.md.
 soak: $(STAMP)
-	$(PY) -m pytest -m soak tests/test_soak.py $(PYTEST_ARGS)
+	EVIT_RELIABILITY_REPORT=1 $(PY) -m pytest -m soak tests/test_soak.py $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(PY) -m evit.tools.bench --model deit_small_patch16_224 --batch-size 16 --keep-rates 1.0,0.9,0.7,0.5
+	mkdir -p out
+	$(PY) -m evit.tools.bench --model deit_small_patch16_224 --batch-size 16 --keep-rates 1.0,0.9,0.7,0.5 \
+	  --out out/bench-results.json
 
 ## Every CUDA test and the GPU benchmarks in one call (< 8 min on one GPU), printing the ratios; on a machine
 ## without a GPU the tests skip and say why.

@@ -90,7 +90,7 @@ Priority = Annotated[
 
 @router.post(
     "/classify", response_model=ClassifyResponse, openapi_extra=REQUEST_BODY_DOC, tags=["inference"],
-    responses=error_responses(400, 404, 408, 413, 415, 422, 503, 504),
+    responses=error_responses(400, 404, 408, 413, 415, 422, 500, 503, 504),
     summary="Classify one image at a chosen keep rate",
 )
 async def classify(

@@ -101,6 +101,8 @@ _ERRORS: dict[int, str] = {
     415: "The body is not an image type the service accepts.",
     422: "A parameter is invalid (keep_rate outside (0, 1] or not a number, top_k out of range, ...).",
     499: "The client went away before the answer; the request was dropped before inference.",
+    500: "The forward pass failed (`inference_failed`: that pass's requests only; the message names the "
+         "exception type, never its text) or an unexpected error (`internal_error`; details only in the log).",
     503: "Not ready (loading, warming up or draining), overloaded (queue full), or the request's deadline cannot "
          "be met under the current load (`deadline_unreachable`; refused at arrival, not run). See Retry-After.",
     504: "The request was not answered within its deadline or the request timeout, or its deadline cannot be "

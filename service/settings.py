@@ -106,7 +106,7 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1)  # checked from the image header, before decoding
     max_image_aspect_ratio: float = Field(50.0, ge=1.0, allow_inf_nan=False)  # longer / shorter side, from the header
     max_decoded_bytes: int = Field(512 * 2**20, ge=2**20)  # one decode's estimated peak memory, resize included
-    image_formats: tuple[str, ...] = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
+    image_formats: Annotated[tuple[str, ...], NoDecode] = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
     jpeg_draft: bool = True  # let libjpeg downscale large JPEGs while decoding (never below the resize)
     max_top_k: int = Field(100, ge=1)
 
@@ -132,7 +132,7 @@ class Settings(BaseSettings):
     log_level: str = "info"
     log_json: bool = True
 
-    @field_validator("model", "checkpoint", "api_tokens", mode="before")
+    @field_validator("model", "checkpoint", "api_tokens", "image_formats", mode="before")
     @classmethod
     def _lists(cls, v: Any) -> Any:
         return _split_commas(v)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
@@ -38,6 +39,21 @@ def real_data() -> tuple[Any, Any, Any]:
     x = torch.stack([transform(Image.open(IMAGES / r["filename"]).convert("RGB")) for r in rows])
     y = torch.tensor([int(r["class_index"]) for r in rows])
     return model, x, y
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip a test whose external tool is missing; in CI (``CI=true``) fail instead: CI is never green by skipping."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{reason}; in CI a missing tool fails the run", pytrace=False)
+    pytest.skip(reason)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """``make reliability-report``: publish the measured reliability figures, only when every test passed."""
+    import _reliability
+
+    if _reliability.enabled() and exitstatus == 0 and session.testsfailed == 0 and _reliability.ROWS:
+        _reliability.publish(_reliability.ROWS)
 
 
 @pytest.fixture

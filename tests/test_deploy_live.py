@@ -24,6 +24,7 @@ import httpx
 import pytest
 import yaml
 from _live import free_port, live_server, wait_ok
+from conftest import skip_or_fail
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -151,7 +152,7 @@ def test_every_metric_the_deployment_uses_is_exported(exported: dict[str, set[st
 def prometheus(service: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     exe = shutil.which("prometheus")
     if not exe:
-        pytest.skip("prometheus server not installed (Debian package prometheus; docker/ci-tools.sh installs it)")
+        skip_or_fail("prometheus server not installed (Debian package prometheus; docker/ci-tools.sh installs it)")
     tmp = tmp_path_factory.mktemp("prometheus")
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
@@ -219,14 +220,18 @@ def test_every_dashboard_query_runs_on_real_data(service: dict, prometheus: str)
     query_until(prometheus, "evit_requests_total")
     for rate in KEEP_RATES:  # fresh traffic between scrapes, so rate() is not 0/0
         classify(service, rate)
-        time.sleep(1.2)
-    time.sleep(2.5)
+        time.sleep(1.2)  # spacing the traffic across scrapes (generating data, not waiting for a condition)
+
+    def has_data(result: list[dict]) -> bool:
+        return bool(result) and not all(math.isnan(float(s["value"][1])) for s in result)
+
     for expr in dashboard_exprs():
         if expr.startswith("label_values("):
             continue
         concrete = (expr.replace("$__rate_interval", "1m").replace("$model", ".*").replace("$keep_rate", ".*"))
-        result = query(prometheus, concrete)
-        if 'code=~"503|504"' not in expr:  # nothing was rejected here
+        rejected_only = 'code=~"503|504"' in expr  # nothing was rejected here
+        result = query(prometheus, concrete) if rejected_only else query_until(prometheus, concrete, ok=has_data)
+        if not rejected_only:
             assert result, f"no data for dashboard query {expr}"
             values = [float(s["value"][1]) for s in result]
             assert not all(math.isnan(v) for v in values), f"only NaN for {expr}"

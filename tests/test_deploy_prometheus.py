@@ -7,8 +7,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
+from conftest import skip_or_fail
 
 ROOT = Path(__file__).resolve().parents[1]
 PROM = ROOT / "docker" / "prometheus"
@@ -19,7 +19,7 @@ DASHBOARD = GRAFANA / "dashboards" / "evit-serve.json"
 def promtool(*args: str, cwd: Path = PROM) -> subprocess.CompletedProcess[str]:
     exe = shutil.which("promtool")
     if not exe:
-        pytest.skip("promtool not installed (Debian package prometheus; docker/ci-tools.sh installs it)")
+        skip_or_fail("promtool not installed (Debian package prometheus; docker/ci-tools.sh installs it)")
     return subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 

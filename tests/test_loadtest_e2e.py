@@ -118,12 +118,13 @@ def test_closed_loop_percentiles_match_injected_latency(tmp_path):
             "--keep-rates 0.1:2,0.5:2,1.0:2,0.3:1 --image-size 32 --generated 2",
         )
     base, fast, slow, failing = (res["per_keep_rate"][k] for k in ("0.1", "0.5", "1.0", "0.3"))
-    assert base["p50_ms"] < 100
+    assert base["p50_ms"] < 500
     for stats, injected in ((fast, 30), (slow, 80)):  # milliseconds
         assert stats["ok"] == stats["sent"] > 5 and stats["errors"] == {}
         ordered = [stats[k] for k in ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "p99_9_ms", "max_ms")]
-        assert injected <= ordered[0] and ordered == sorted(ordered) and ordered[-1] < 2000
-        assert stats["p50_ms"] - base["p50_ms"] == pytest.approx(injected, abs=20), (stats, base)
+        assert injected <= ordered[0] and ordered == sorted(ordered) and ordered[-1] < 10_000
+        # at least the injected sleep above the round trip (less 10 ms of jitter), at most 100 ms more (busy CPU)
+        assert injected - 10 <= stats["p50_ms"] - base["p50_ms"] <= injected + 100, (stats, base)
     assert failing["ok"] == 0 and failing["errors"] == {"503": failing["sent"]} and failing["p50_ms"] is None
     assert res["sent"] == base["sent"] + fast["sent"] + slow["sent"] + failing["sent"]
     assert res["ok"] == base["ok"] + fast["ok"] + slow["ok"]

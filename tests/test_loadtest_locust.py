@@ -12,12 +12,18 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import skip_or_fail
 from test_loadtest_e2e import fake_server
 
 ROOT = Path(__file__).resolve().parents[1]
-_BESIDE = Path(sys.executable).with_name("locust")
-LOCUST = os.environ.get("EVIT_LOCUST") or (str(_BESIDE) if _BESIDE.exists() else shutil.which("locust"))
-pytestmark = pytest.mark.skipif(LOCUST is None, reason="locust is not installed (pip install locust)")
+VENV_LOCUST = Path(sys.executable).parent / "locust"  # the dev extra installs it next to this Python
+LOCUST = os.environ.get("EVIT_LOCUST") or (str(VENV_LOCUST) if VENV_LOCUST.exists() else shutil.which("locust"))
+
+
+@pytest.fixture(autouse=True)
+def locust_installed() -> None:
+    if LOCUST is None:
+        skip_or_fail("locust is not installed (pip install locust, or the dev extra)")
 
 
 def run_locust(host: str, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -13,25 +13,37 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+TOLERANCE = 0.6  # top-1 points: 3 of the 500 images (BLAS and thread-count differences flip a borderline one)
+
+
 def top1(model, x, y, **kwargs) -> float:
     with torch.inference_mode():
         pred = torch.cat([model(x[i : i + 100], **kwargs).argmax(-1) for i in range(0, len(x), 100)])
     return round((pred == y).float().mean().item() * 100, 1)
 
 
-def test_keep_one_matches_plain_timm_exactly(real_data):
+@pytest.fixture(scope="module")
+def plain_top1(real_data) -> float:
+    """Plain timm's top-1 with the same weights: the independent anchor."""
     model, x, y = real_data
     plain = timm.create_model("vit_tiny_patch16_224").eval()
     plain.load_state_dict(model.state_dict())
-    assert top1(plain, x, y) == top1(model, x, y, keep_rate=1.0) == 82.6
+    return top1(plain, x, y)
 
 
-@pytest.mark.parametrize(("keep_rate", "fuse", "expected"), [(0.7, True, 79.8), (0.7, False, 80.0), (0.5, True, 68.8)])
-def test_official_rule_accuracy(real_data, keep_rate, fuse, expected):
+def test_keep_one_matches_plain_timm_exactly(real_data, plain_top1):
+    model, x, y = real_data
+    assert top1(model, x, y, keep_rate=1.0) == plain_top1  # exactly: keep 1.0 is plain timm
+    assert plain_top1 == pytest.approx(82.6, abs=TOLERANCE)  # docs/accuracy.md's figure
+
+
+@pytest.mark.parametrize(("keep_rate", "fuse", "drop"), [(0.7, True, 2.8), (0.7, False, 2.6), (0.5, True, 13.8)])
+def test_official_rule_accuracy(real_data, plain_top1, keep_rate, fuse, drop):
+    """The drop from plain timm's accuracy (the independent anchor: 82.6) that docs/accuracy.md reports."""
     model, x, y = real_data
     evit.apply_patch(model, fuse=fuse)
     try:
-        assert top1(model, x, y, keep_rate=keep_rate) == expected
+        assert plain_top1 - top1(model, x, y, keep_rate=keep_rate) == pytest.approx(drop, abs=TOLERANCE)
     finally:
         evit.apply_patch(model, fuse=True)
 

@@ -37,7 +37,8 @@ def report():
         record("background_failures", {
             "what": "NaN and missing checkpoints, finite weights with overflowing outputs (python -m service); a "
                     "warm-up that raises and a batch former that dies (in process, injected)",
-            "sent": 5, "accepted": 0, "rejected": 5, "lost": 0, "crashes": 0, "memory_growth_mb": "-",
+            "sent": 5, "answered": len(RESULTS), "accepted": 0, "rejected": len(RESULTS), "crashes": 0,
+            "memory_growth_mb": "-",
             "notes": "; ".join(RESULTS[k] for k in ("nan", "missing", "overflow", "warm_up", "former")),
         })
 
@@ -94,7 +95,7 @@ async def test_failed_warm_up_is_logged_and_unready(serve, tiny_settings, image_
     monkeypatch.setattr(Batcher, "warm_up", broken)
     with caplog.at_level(logging.ERROR, logger="service.runtime"):
         async with serve(tiny_settings(), ready=False) as (app, client):
-            from test_service_api import until
+            from _gate import until
 
             await until(lambda: app.state.service.failure is not None)
             r = await client.get("/readyz")

@@ -10,9 +10,9 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from _gate import metric, until
 from _hostile import encode, noise
-from _reliability import LEAK, record
-from test_service_api import metric, until
+from _reliability import LEAK, Tally, record
 
 pytestmark = pytest.mark.anyio
 SECRET_PATH = "/srv/models/secret_checkpoint.py"
@@ -60,8 +60,8 @@ JPEG_BODY = encode(noise((48, 40)), "JPEG")  # the image_bytes() fixture's defau
 
 async def test_failures_stay_in_their_batch_and_the_worker_survives(serve, tiny_settings) -> None:
     settings = tiny_settings(max_batch_size=4, max_wait_ms=1000.0, batch_policy="mixed")
-    sent = accepted = rejected = 0
     async with serve(settings) as (app, client):
+        tally = Tally(client, ("/classify",))
         # 1. an exception in one pass: its 4 requests get 500, the other batch of 4 is answered
         def boom(index: int, _size: int) -> Exception | None:
             return RuntimeError(f"kernel exploded reading {SECRET_PATH}") if index == 1 else None
@@ -74,7 +74,6 @@ async def test_failures_stay_in_their_batch_and_the_worker_survives(serve, tiny_
             if a.status_code == 500:
                 assert a.json()["error"] == "inference_failed" and "RuntimeError" in a.json()["message"]
                 assert SECRET_PATH not in a.text and not LEAK.search(a.text)
-        sent, accepted, rejected = sent + 9, accepted + 5, rejected + 4
 
         # 2. out of memory above 2 samples: 8 -> 4 + 4 -> 2 + 2 + 2 + 2, every request answered
         def oom_above_2(index: int, size: int) -> Exception | None:
@@ -90,7 +89,6 @@ async def test_failures_stay_in_their_batch_and_the_worker_survives(serve, tiny_
             for p, q in zip(a.json()["predictions"], solo, strict=True):
                 assert p["class_index"] == q["class_index"] and p["probability"] == pytest.approx(q["probability"],
                                                                                                    abs=1e-5)
-        sent, accepted = sent + 10, accepted + 10  # 9 + the solo request
 
         # 3. out of memory even for one sample: 503 + Retry-After for that batch only, after splitting to 1s
         def oom_always(index: int, _size: int) -> Exception | None:
@@ -102,20 +100,19 @@ async def test_failures_stay_in_their_batch_and_the_worker_survives(serve, tiny_
         assert [a.status_code for a in answers] == [200] + [503] * 4
         for a in answers[1:]:
             assert a.json()["error"] == "out_of_memory" and a.headers["retry-after"] == "1"
-        sent, accepted, rejected = sent + 5, accepted + 1, rejected + 4
 
         # the worker survived all of it
         after = await asyncio.gather(*(client.post("/classify", content=JPEG_BODY) for _ in range(3)))
         assert [a.status_code for a in after] == [200] * 3
         assert (await client.get("/readyz")).status_code == 200
-        sent, accepted = sent + 3, accepted + 3
         text = app.state.service.metrics.render().decode()
         counts = {c: metric(text, "evit_requests_total", model="tiny", code=c) for c in ("200", "500", "503")}
-        assert counts == {"200": accepted, "500": 4, "503": 4}
+        assert counts == {"200": tally.codes[200], "500": 4, "503": 4} and tally.answered == tally.sent
     record("inference_faults", {
         "what": "a RuntimeError in one of two queued batches; torch.cuda.OutOfMemoryError for passes over 2 samples; "
                 "OOM for every pass (tiny model, in process)",
-        "sent": sent, "accepted": accepted, "rejected": rejected, "lost": 0, "crashes": 0,
+        "sent": tally.sent, "answered": tally.answered, "accepted": tally.codes[200],
+        "rejected": tally.codes[500] + tally.codes[503], "crashes": 0,  # every 500 was an injected failure
         "memory_growth_mb": None,
         "notes": "the exception's batch of 4 answered 500 'inference failed: RuntimeError' (no message text, no "
                  "path), the other batch 200. OOM: 8 requests answered 200 after "

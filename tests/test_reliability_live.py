@@ -18,11 +18,11 @@ import uuid
 
 import httpx
 import pytest
+from _gate import metric
 from _hostile import jpegs
 from _live import VIT_TI_224, live_server
 from _load import Client, p99, summary
 from _reliability import record
-from test_service_api import metric
 
 pytestmark = pytest.mark.slow
 TOKEN = "live-token-" + uuid.uuid4().hex
@@ -87,7 +87,8 @@ def test_body_size_limit_is_enforced_while_streaming(server) -> None:
         sock.sendall(head(content_length="1000000000") + b"\xff" * 1024)
         status, _, body = response(sock)
         outcomes.append(status)
-        assert status == 413 and b'"body_too_large"' in body and time.monotonic() - start < 2.0
+        first_s = time.monotonic() - start
+        assert status == 413 and b'"body_too_large"' in body and first_s < 10.0  # (body timeout: 15 s)
     # 2. chunked (no length): 2 MB of chunks, never terminated; the 413 comes while the body is still open
     with raw_connection(server.port) as sock:
         sock.sendall(head(transfer_encoding="chunked"))
@@ -112,10 +113,11 @@ def test_body_size_limit_is_enforced_while_streaming(server) -> None:
     record("body_limits", {
         "what": "limit 1 MB: Content-Length 1 GB with 1 kB sent; an endless chunked body (2 MB sent, never "
                 "terminated); a 1.5 MB body sent whole",
-        "sent": len(outcomes) + 1, "accepted": 1, "rejected": len(outcomes), "lost": 0, "crashes": 0,
+        "sent": len(outcomes) + 1, "answered": sum(s is not None for s in outcomes) + 1, "accepted": 1,
+        "rejected": len(outcomes), "crashes": int(server.proc.poll() is not None),
         "memory_growth_mb": round(growth, 1),
-        "notes": "every oversized body got 413 body_too_large before it ended (the first within 2 s of its "
-                 "headers); then a normal request got 200",
+        "notes": "every oversized body got 413 body_too_large before it ended (the first "
+                 f"{first_s:.2f} s after its headers); then a normal request got 200",
     })
 
 
@@ -170,7 +172,8 @@ def test_slow_bodies_time_out_and_slow_headers_do_not_starve(server) -> None:
         "what": f"body timeout {timeout:g} s: a body trickled at 100 B/s, a body stalled half way, an upload "
                 "aborted half way (3 requests); then /healthz and /classify while 64 connections sit on "
                 "unfinished headers",
-        "sent": 5, "accepted": 2, "rejected": 3, "lost": 0, "crashes": 0, "memory_growth_mb": None,
+        "sent": 5, "answered": 5, "accepted": 2, "rejected": 3,  # each answer asserted above
+        "crashes": int(server.proc.poll() is not None), "memory_growth_mb": None,
         "notes": f"trickle: 408 after {results['trickle'][1]:.2f} s, stall: 408 after {results['stall'][1]:.2f} s, "
                  f"abort: logged 499; with 64 header-stalled connections open /healthz and /classify answered in "
                  f"{served_in:.2f} s; {still_open}/64 of those connections were still open after "
@@ -226,7 +229,8 @@ def test_overload(server, factor: int) -> None:
     record(f"overload_{factor}x", {
         "what": f"open loop at {factor}x the measured capacity ({capacity:.1f} req/s, ViT-Ti 224, 1 torch thread) for "
                 f"2.5 s; queue 16, request timeout {timeout:g} s",
-        "sent": len(outcomes), "accepted": len(accepted), "rejected": kinds["rejected"], "lost": 0, "crashes": 0,
+        "sent": len(outcomes), "answered": sum(o.status is not None for o in outcomes), "accepted": len(accepted),
+        "rejected": kinds["rejected"], "crashes": kinds["crash"] + int(server.proc.poll() is not None),
         "memory_growth_mb": round(growth, 1),
         "notes": f"offered {achieved:.0f} req/s ({achieved / capacity:.1f}x); 503 + Retry-After: "
                  f"{sum(o.status == 503 for o in outcomes)}, 504: {sum(o.status == 504 for o in outcomes)}; p99 of "
@@ -242,8 +246,10 @@ def test_request_ids_and_one_json_log_line_per_request(server) -> None:
         headers = {"x-request-id": rid, "content-type": "image/jpeg", **(AUTH if i % 2 == 0 else {})}
         r = httpx.post(server.url + "/classify", content=BODIES[i], headers=headers, timeout=30)
         assert r.headers["x-request-id"] == rid and r.status_code == (200 if i % 2 == 0 else 401)
-    time.sleep(0.2)
-    lines = [e for e in server.access() if e["request_id"] in ids]
+    deadline = time.monotonic() + 10
+    while len(lines := [e for e in server.access() if e["request_id"] in ids]) < len(ids):  # logged after the answer
+        assert time.monotonic() < deadline, lines
+        time.sleep(0.02)
     assert sorted(e["request_id"] for e in lines) == sorted(ids)  # exactly one line each
     assert [e["status"] for e in sorted(lines, key=lambda e: ids.index(e["request_id"]))] == [200, 401] * 2 + [200]
     assert TOKEN not in server.log_text()

@@ -85,7 +85,7 @@ def test_thin_images_refused_before_any_large_allocation(tmp_path) -> None:
     record("resize_bombs", {
         "what": "complete PNG strips 1xN and Nx1 (N = 10^4, 10^5, 10^6; 1-3 kB each) by /classify, and 8 of "
                 "them in one V2 binary request, against ViT-Ti 224 (resize to 248), 2 decode threads",
-        "sent": len(times) + 2, "accepted": 2, "rejected": len(times), "lost": 0, "crashes": 0,
+        "sent": len(times) + 2, "answered": len(times) + 2, "accepted": 2, "rejected": len(times), "crashes": 0,
         "memory_growth_mb": round(growth, 1),
         "notes": f"every strip 422 extreme_aspect_ratio; slowest {times[slowest] * 1000:.0f} ms ({slowest}), "
                  f"median {sorted(times.values())[len(times) // 2] * 1000:.0f} ms at the client; peak server "

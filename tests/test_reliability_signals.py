@@ -16,11 +16,11 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+from _gate import metric
 from _hostile import jpegs
 from _live import VIT_TI_224, LiveServer
 from _load import Client, Outcome, summary
 from _reliability import record
-from test_service_api import metric
 
 pytestmark = pytest.mark.slow
 MODEL = VIT_TI_224
@@ -31,12 +31,10 @@ CLIENTS = 16
 
 @pytest.fixture(scope="module")
 def box(tmp_path_factory):
-    """The servers of this module; the SIGKILL test appends the restarted one."""
-    log_dir = tmp_path_factory.mktemp("signals")
-    first = LiveServer(log_dir, model=MODEL, **LIMITS)
-    state = SimpleNamespace(log_dir=log_dir, servers=[first])
+    """The servers of this module (each test starts its own: any order, alone or together); all closed at
+    the end."""
+    state = SimpleNamespace(log_dir=tmp_path_factory.mktemp("signals"), servers=[])
     try:
-        first.wait_ready()
         yield state
     finally:
         for server in state.servers:
@@ -58,8 +56,15 @@ async def load_then_signal(server: LiveServer, sig: int, after: float) -> tuple[
         return await load, signalled
 
 
+def fresh(box, port: int | None = None) -> LiveServer:
+    server = LiveServer(box.log_dir, port=port, model=MODEL, **LIMITS)
+    box.servers.append(server)
+    server.wait_ready()
+    return server
+
+
 def test_sigkill_under_load_then_restart(box) -> None:
-    server = box.servers[-1]
+    server = fresh(box)
     outcomes, killed = asyncio.run(load_then_signal(server, signal.SIGKILL, 1.5))
     assert server.wait(10) == -signal.SIGKILL
     kinds = summary(outcomes)
@@ -71,9 +76,7 @@ def test_sigkill_under_load_then_restart(box) -> None:
     assert slowest < 3.0  # nobody hung
 
     start = time.monotonic()
-    restarted = LiveServer(box.log_dir, port=server.port, model=MODEL, **LIMITS)
-    box.servers.append(restarted)
-    restarted.wait_ready()
+    restarted = fresh(box, server.port)
     ready_s = time.monotonic() - start
     r = httpx.post(restarted.url + "/classify", content=BODIES[0], headers={"content-type": "image/jpeg"}, timeout=30)
     assert r.status_code == 200
@@ -81,8 +84,9 @@ def test_sigkill_under_load_then_restart(box) -> None:
     in_flight = sum(o.kind == "dropped" for o in failed)
     record("sigkill_restart", {
         "what": f"{CLIENTS} back-to-back clients, SIGKILL after 1.5 s and {CLIENTS} answers, restart on the same port",
-        "sent": len(outcomes) + 1, "accepted": kinds["accepted"] + 1, "rejected": kinds["refused"],
-        "lost": in_flight, "crashes": 0, "memory_growth_mb": None,
+        "sent": len(outcomes) + 1, "answered": sum(o.status is not None for o in outcomes) + 1,
+        "unaccepted": kinds["refused"], "accepted": kinds["accepted"] + 1, "rejected": kinds["refused"],
+        "crashes": kinds["crash"], "memory_growth_mb": None,  # the one exit is the SIGKILL itself
         "notes": f"the {in_flight} requests in flight at the kill are lost by definition (SIGKILL leaves no time "
                  f"to answer): each got a connection error within {slowest:.2f} s of the kill, none hung; "
                  f"{kinds['refused']} sent after it were refused at connect; restarted process ready "
@@ -91,7 +95,7 @@ def test_sigkill_under_load_then_restart(box) -> None:
 
 
 def test_sigterm_under_load_loses_no_accepted_request(box) -> None:
-    server = box.servers[-1]
+    server = fresh(box)
     outcomes, terminated = asyncio.run(load_then_signal(server, signal.SIGTERM, 1.5))
     assert server.wait(30) == 0
     handled = {e["request_id"]: e["status"] for e in server.access()}
@@ -111,7 +115,9 @@ def test_sigterm_under_load_loses_no_accepted_request(box) -> None:
         "what": f"{CLIENTS} back-to-back clients, SIGTERM after 1.5 s and {CLIENTS} answers "
                 f"(drain timeout {LIMITS['drain_timeout_s']:g} s)",
         "sent": len(outcomes), "accepted": kinds["accepted"], "rejected": len(refused) + len(no_answer),
-        "lost": len(lost), "crashes": 0, "memory_growth_mb": None,
+        "answered": sum(o.status is not None for o in outcomes),
+        "unaccepted": sum(o.request_id not in handled for o in no_answer),  # reached a closed listener
+        "crashes": kinds["crash"], "memory_growth_mb": None,
         "notes": f"{len(answered_after)} requests accepted before the signal were answered 200 after it; "
                  f"{len(refused)} got 503 draining + Retry-After; {len(no_answer)} reached a closed listener (never "
                  "handled by the server, per its request log); exit status 0",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from test_service_api import Gate, metric, until
+from _gate import Gate, metric, until
 
 from service.latency import LatencyModel
 from service.policy import PassCost

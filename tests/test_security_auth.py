@@ -10,7 +10,7 @@ from datetime import datetime
 
 import httpx
 import pytest
-from _reliability import LEAK, record
+from _reliability import LEAK, Tally, record
 from pydantic import ValidationError
 
 from service.logs import JsonFormatter
@@ -19,14 +19,33 @@ from service.settings import Settings
 pytestmark = pytest.mark.anyio
 TOKEN_ENV = "env-token-0123456789abcdef"
 TOKEN_FILE = "file-token-fedcba9876543210"
-TALLY: Counter[int] = Counter()
+TALLY = Tally()  # every request this module's tests send (see record_figures)
 
 
 def tally(client) -> None:
-    async def hook(response) -> None:
-        TALLY[response.status_code] += 1
+    TALLY.attach(client)
 
-    client.event_hooks["response"].append(hook)
+
+@pytest.fixture(scope="module", autouse=True)
+def record_figures():
+    """After this module's tests (whichever ran, in any order): their requests, measured by the clients."""
+    TALLY.sent, TALLY.codes = 0, Counter()
+    yield
+    codes = TALLY.codes
+    if not TALLY.sent:
+        return
+    injected = min(1, codes[500])  # the deliberate exception of test_no_stack_traces_...
+    record("security", {
+        "what": "bearer tokens from env and file (wrong, partial, other schemes, non-ASCII headers), open health/"
+                "metrics/docs paths and near misses of them, deny-by-default routes, moved and disabled /metrics "
+                "and /docs, an injected unexpected error, request ids (valid, too long, odd characters) in answers "
+                "and logs",
+        "sent": TALLY.sent, "answered": TALLY.answered, "accepted": codes[200],
+        "rejected": sum(n for c, n in codes.items() if 400 <= c < 500) + injected,
+        "crashes": sum(n for c, n in codes.items() if c >= 500) - injected, "memory_growth_mb": None,
+        "notes": f"by status: {TALLY.by_status()}; the one 500 is the injected exception (generic message, trace "
+                 "only in the log)",
+    })
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -85,6 +104,25 @@ async def test_tokens_guard_every_route_but_health_metrics_and_docs(serve, token
     assert decoded == ['evit_decode_seconds_count{model="tiny"} 3.0']  # refused requests never reached the decoder
     logged = "\n".join(JsonFormatter().format(r) for r in caplog.records)
     assert TOKEN_ENV not in logged and TOKEN_FILE not in logged
+
+
+NEAR_OPEN = ("/metricsX", "/metrics/x", "/metrics/", "/docs/x", "/docsx", "/docs/", "/redoc/x", "/openapi.jsonx",
+             "/openapi.json/x", "/healthzz", "/healthz/", "/healthz/x", "/readyz2", "/HEALTHZ", "/v2/health/livex",
+             "/v2/health/ready/x", "/x/healthz", "//healthz")
+
+
+@pytest.mark.parametrize("metrics_path", ["/metrics", "/internal/metrics"])
+async def test_open_paths_match_exactly(serve, token_settings, metrics_path) -> None:
+    """A path that only starts or ends like an open one (or differs in case) needs the token like any other."""
+    settings = token_settings.model_copy(update={"metrics_path": metrics_path})
+    async with serve(settings) as (_, client):
+        tally(client)
+        for path in (*NEAR_OPEN, metrics_path + "x", metrics_path + "/x", metrics_path.upper()):
+            for method in ("GET", "POST"):
+                r = await client.request(method, path)
+                assert r.status_code == 401 and r.json()["error"] == "unauthorized", (method, path)
+        assert (await client.get(metrics_path)).status_code == 200
+        assert (await client.get("/healthz")).status_code == 200
 
 
 def test_token_settings_fail_clearly(tmp_path, capsys) -> None:
@@ -163,18 +201,19 @@ async def test_no_stack_traces_or_paths_and_request_ids(serve, tiny_settings, im
         assert datetime.fromisoformat(entry["timestamp"]).tzinfo is not None and "ts" not in entry
 
 
-def test_zz_record() -> None:
-    """Runs last in this module: the tally of every request the tests above sent."""
-    sent = sum(TALLY.values())
-    if not sent:
-        pytest.skip("no requests were sent (the tests above were deselected)")
-    injected = min(1, TALLY[500])  # the deliberate exception of test_no_stack_traces_...
-    record("security", {
-        "what": "bearer tokens from env and file (wrong, partial, other schemes, non-ASCII headers), open health/"
-                "metrics/docs paths, deny-by-default routes, moved and disabled /metrics and /docs, an injected "
-                "unexpected error, request ids (valid, too long, odd characters) in answers and logs",
-        "sent": sent, "accepted": TALLY[200], "rejected": sum(n for c, n in TALLY.items() if 400 <= c < 500) + injected,
-        "lost": 0, "crashes": sum(n for c, n in TALLY.items() if c >= 500) - injected, "memory_growth_mb": None,
-        "notes": "by status: " + ", ".join(f"{c}: {n}" for c, n in sorted(TALLY.items()))
-                 + "; the one 500 is the injected exception (generic message, trace only in the log)",
-    })
+async def test_token_edges_and_401_messages(serve, tiny_settings) -> None:
+    """Mutation survivors killed: the 16-character minimum is inclusive, '~' is printable, extra spaces after
+    the scheme are tolerated, and the 401 says whether the token was missing or wrong."""
+    edge = "~" * 16
+    with pytest.raises(ValidationError):
+        Settings(api_tokens="x" * 15)
+    with pytest.raises(ValidationError):
+        Settings(api_tokens="x" * 15 + "\x7f")
+    async with serve(tiny_settings(api_tokens=edge)) as (_, client):
+        tally(client)
+        assert (await client.get("/models", headers={"authorization": f"Bearer  {edge}"})).status_code == 200
+        missing = await client.get("/models")
+        wrong = await client.get("/models", headers=bearer("~" * 17))
+        assert missing.status_code == wrong.status_code == 401
+        assert missing.json()["message"].startswith("missing bearer token")
+        assert wrong.json()["message"].startswith("invalid bearer token")

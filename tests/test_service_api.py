@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import io
-import threading
 
 import pytest
+from _gate import Gate, metric, until
 from _hostile import png_declaring
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
 
 import evit
 
 pytestmark = pytest.mark.anyio
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in a Prometheus exposition (0 when absent)."""
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-    return 0.0
 
 
 def flat_png(width: int, height: int) -> bytes:
@@ -30,32 +20,6 @@ def flat_png(width: int, height: int) -> bytes:
     Image.new("L", (width, height), 7).save(buf, "PNG")
     assert len(buf.getvalue()) < 10_000  # highly compressible: small body, many pixels
     return buf.getvalue()
-
-
-class Gate:
-    """Blocks the model's forward passes (on the device thread) until opened; counts the passes."""
-
-    def __init__(self, app) -> None:
-        self.event = threading.Event()
-        self.passes = 0
-        model = app.state.service.registry.get(None).model
-        self.handle = model.patch_embed.register_forward_pre_hook(self._hook)  # runs once per forward pass
-
-    def _hook(self, *_: object) -> None:
-        self.passes += 1
-        self.event.wait(10)
-
-    def open(self) -> None:
-        self.event.set()
-        self.handle.remove()
-
-
-async def until(predicate, timeout: float = 5.0) -> None:
-    for _ in range(int(timeout / 0.005)):
-        if predicate():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError("condition not reached")
 
 
 async def test_classify_answer(serve, tiny_settings, image_bytes) -> None:
@@ -312,7 +276,7 @@ async def test_models_and_openapi(serve, tiny_settings) -> None:
         assert m["gmacs"]["1.00"] > m["gmacs"]["0.70"] > m["gmacs"]["0.50"]
         spec = (await client.get("/openapi.json")).json()
         responses = spec["paths"]["/classify"]["post"]["responses"]
-        for code in ("200", "400", "404", "408", "413", "415", "422", "503", "504"):
+        for code in ("200", "400", "404", "408", "413", "415", "422", "500", "503", "504"):
             assert code in responses
         assert responses["413"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
         assert "Retry-After" in responses["503"]["headers"]

@@ -71,13 +71,23 @@ def test_modes_become_rgb(mode: str) -> None:
     assert np.array_equal(np.asarray(out), np.asarray(img.convert("RGB")))
 
 
-def test_alpha_is_composited_on_white() -> None:
-    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))  # fully transparent red
-    rgba.paste((0, 0, 255, 255), (0, 0, 4, 8))  # opaque blue left half
-    out = np.asarray(to_rgb(Image.open(io.BytesIO(encode(rgba)))))
-    assert (out[:, :4] == (0, 0, 255)).all() and (out[:, 4:] == (255, 255, 255)).all()
-    palette = rgba.convert("P")  # palette with a transparent index
-    assert palette.mode == "P"
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_alpha_is_composited_on_white(mode: str) -> None:
+    rgba = Image.new("RGBA", (40, 40), (255, 0, 0, 0))  # fully transparent red
+    rgba.paste((0, 0, 255, 255), (0, 0, 20, 40))  # opaque blue left half
+    if mode == "LA":
+        rgba = rgba.convert("LA")
+    elif mode == "P":
+        rgba = rgba.convert("RGB").quantize(2)
+        rgba.info["transparency"] = rgba.getpixel((30, 0))  # the right half's index is transparent
+    data = encode(rgba)
+    assert Image.open(io.BytesIO(data)).mode == mode
+    blue = (0, 0, 255) if mode != "LA" else (29, 29, 29)  # blue's luma (ITU-R 601) in LA
+    expected = Image.new("RGB", (40, 40), (255, 255, 255))  # the same picture, composited on white by hand
+    expected.paste(blue, (0, 0, 20, 40))
+    assert np.array_equal(np.asarray(to_rgb(Image.open(io.BytesIO(data)))), np.asarray(expected))
+    pre = Preprocessor(CONFIG, LIMITS)  # what the service feeds the model: the composited picture's tensor
+    assert torch.allclose(pre(data), pre(encode(expected)), atol=1e-6)
 
 
 def test_sixteen_bit_is_scaled_not_clipped() -> None:

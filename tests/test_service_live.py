@@ -9,8 +9,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from _gate import metric as parse_metric
 from _live import live_server
-from test_service_api import metric as parse_metric
 
 pytestmark = pytest.mark.slow
 
@@ -77,8 +77,10 @@ def test_sigterm_finishes_accepted_requests(tmp_path, tiny_model, image_bytes) -
                 assert time.monotonic() < deadline
                 time.sleep(0.02)
             server.signal(signal.SIGTERM)
-            time.sleep(0.2)
-            ready = httpx.get(f"{url}/readyz")
+            deadline = time.monotonic() + 10
+            while (ready := httpx.get(f"{url}/readyz")).status_code != 503:  # the signal handler has run
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
             assert ready.status_code == 503 and ready.json()["draining"] is True
             late = classify(url, body)
             assert late.status_code == 503 and late.json()["error"] == "draining"

@@ -11,9 +11,9 @@ import httpx
 import pytest
 import timm
 import torch
+from _gate import metric
 from _live import free_port, live_server
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
-from test_service_api import metric
 
 pytestmark = pytest.mark.anyio
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"

@@ -160,3 +160,14 @@ def test_port_from_cloud_run_and_knative(monkeypatch) -> None:
     monkeypatch.delenv("EVIT_PORT")
     with pytest.raises(ValidationError):
         parse_settings([])
+
+
+def test_list_settings_take_commas(monkeypatch) -> None:
+    """Every list setting takes one format from the environment: comma-separated."""
+    monkeypatch.setenv("EVIT_IMAGE_FORMATS", "JPEG, PNG")
+    monkeypatch.setenv("EVIT_MODEL", "a=vit_tiny_patch16_224,deit_tiny_patch16_224")
+    monkeypatch.setenv("EVIT_PRUNE_BLOCKS", "3,6,9")
+    monkeypatch.setenv("EVIT_API_TOKENS", "token-a-0123456789abcdef,token-b-0123456789abcdef")
+    s = parse_settings([])
+    assert s.image_formats == ("JPEG", "PNG") and s.prune_blocks == (3, 6, 9)
+    assert s.model == ["a=vit_tiny_patch16_224", "deit_tiny_patch16_224"] and len(s.api_tokens) == 2

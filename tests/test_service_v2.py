@@ -147,25 +147,24 @@ def infer_payload(images: list[bytes], **parameters) -> dict:
 
 
 async def test_infer_takes_the_scheduling_parameters(serve, tiny_settings, image_bytes) -> None:
+    from _gate import metric, until
     from test_scheduling_api import slow_model
-    from test_service_api import metric, until
 
     images = [image_bytes(seed=1), image_bytes(seed=2)]
     async with serve(tiny_settings(latency_target_ms=10.0)) as (app, client):
         model = app.state.service.registry.get("tiny").model
         r = await client.post("/v2/models/tiny/infer", json=infer_payload(images, keep_rate="auto", deadline_ms=5000))
         assert r.status_code == 200 and r.json()["parameters"]["keep_rates"] == [1.0, 1.0]  # idle: the full model
-        q = app.state.service.batcher.queues["tiny"]
-        await until(lambda: q.latency.passes >= 1)
-        slow = slow_model(app)  # 50 ms a pass: the 10 ms latency target is out of reach, so auto takes its floor
+        await until(app.state.service.batcher.idle)  # every pass of that request learnt
+        slow_model(app)  # 50 ms a pass: the 10 ms latency target is out of reach, so auto takes its floor
         r = await client.post("/v2/models/tiny/infer",
                               json=infer_payload(images, keep_rate="auto", min_keep_rate=0.5, priority="high"))
         body = r.json()
         assert r.status_code == 200 and body["parameters"]["keep_rates"] == [0.5, 0.5]
         tokens = next(o for o in body["outputs"] if o["name"] == "tokens")["data"]
         assert tokens == [model.cost(0.5).total_tokens] * 2
-        await until(lambda: q.latency is not slow or slow.passes >= 1)  # learnt from that (fast) batch: undo it
-        slow = slow_model(app)
+        await until(app.state.service.batcher.idle)  # every pass of that request learnt (fast ones): undo that
+        slow_model(app)
         # even an idle model needs 50 ms: a 30 ms deadline is refused at once, by parameter or by header
         r = await client.post("/v2/models/tiny/infer", json=infer_payload(images[:1], deadline_ms=30))
         assert r.status_code == 504 and r.json()["code"] == "deadline_unreachable"
@@ -228,7 +227,7 @@ async def test_binary_sizes_must_match_the_body(serve, tiny_settings, image_byte
 
 async def test_triton_priority_levels(serve, tiny_settings, image_bytes) -> None:
     """Triton's integer priority (what tritonclient's ``priority=`` sends): 1 high, 2 normal, 3 low, 0 default."""
-    from test_service_api import metric
+    from _gate import metric
 
     async with serve(tiny_settings()) as (_, client):
         for level in (1, 3, 3, 0):

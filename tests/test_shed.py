@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 
 import pytest
-from test_service_api import metric
+from _gate import metric
 from test_service_v2 import infer_payload
 
 pytestmark = pytest.mark.anyio
