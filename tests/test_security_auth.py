@@ -120,7 +120,8 @@ async def test_open_paths_match_exactly(serve, token_settings, metrics_path) -> 
         for path in (*NEAR_OPEN, metrics_path + "x", metrics_path + "/x", metrics_path.upper()):
             for method in ("GET", "POST"):
                 r = await client.request(method, path)
-                assert r.status_code == 401 and r.json()["error"] == "unauthorized", (method, path)
+                code = r.json()["code" if path.startswith("/v2/") else "error"]  # V2: the protocol's body
+                assert r.status_code == 401 and code == "unauthorized", (method, path)
         assert (await client.get(metrics_path)).status_code == 200
         assert (await client.get("/healthz")).status_code == 200
 
