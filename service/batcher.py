@@ -9,10 +9,8 @@ waited ``max_wait``, and only while the model has no pass in flight: under load,
 during a pass form the next batch, so batches grow with load. When requests arrive further apart than
 ``max_wait`` on average (low load), waiting could only add latency, so an idle model runs at once. Requests whose
 client went away or whose deadline passed are dropped when the batch is formed: they are never run. The
-batch is split into forward passes by ``policy.plan_passes`` and each pass's requests are answered as soon
-as that pass ends. A pass that fails answers only its own requests (``InferenceFailed``); one that runs out
-of device memory is retried in halves, down to single samples, and what still does not fit gets
-``OutOfMemory`` (retryable). Errors are the core's own (``service.exceptions``); ``service.errors`` maps them to HTTP.
+batch is split into forward passes by ``policy.plan_passes`` and run on the device thread by ``passes``
+(failures and out-of-memory splitting there); each pass's requests are answered as soon as that pass ends. Errors are the core's own (``service.exceptions``); ``service.errors`` maps them to HTTP.
 
 Deadlines, ``keep_rate=auto`` and priorities are decided by ``scheduler`` with the model's latency model
 (``latency``): the queue is kept in priority order, a request that cannot meet its deadline is refused
@@ -30,12 +28,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 
-import torch
-
 from service.exceptions import (
     DeadlineUnreachable,
-    InferenceFailed,
-    OutOfMemory,
     Overloaded,
     QueueTimeout,
     Unavailable,
@@ -44,11 +38,11 @@ from service.job import Job, Priority
 from service.latency import LatencyModel
 from service.metrics import Metrics
 from service.modelqueue import ModelQueue, Ticket
-from service.policy import plan_passes
+from service.passes import fail, run_batch
 from service.registry import HostedModel, Registry
 from service.scheduler import Scheduler, Unreachable, refusal
 from service.settings import Settings
-from service.worker import DeviceWorker, SampleResult
+from service.worker import DeviceWorker
 
 __all__ = ["Batcher", "ModelQueue", "Ticket"]
 
@@ -205,10 +199,10 @@ class Batcher:
             start = time.monotonic()
             q.busy_until = start + predicted
             try:
-                await loop.run_in_executor(q.worker.executor, self._run, q, batch, loop)
+                await loop.run_in_executor(q.worker.executor, run_batch, q, batch, self._policy(q), self.metrics, loop)
             except Exception as e:  # the pass itself failed: answer InferenceFailed, keep serving
                 log.exception("batch of %d failed on %s", len(batch), q.hosted.name)
-                self._fail([p for p in batch if not p.future.done()], e)
+                fail([p for p in batch if not p.future.done()], e)
             finally:
                 q.running = False
                 measured = time.monotonic() - start
@@ -234,6 +228,10 @@ class Batcher:
             q.wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(q.wake.wait(), timeout)
+
+    def _policy(self, q: ModelQueue) -> str:
+        """A compiled runner holds one graph per rate: a mixed-rate batch is one pass per rate."""
+        return self.settings.batch_policy if q.hosted.runner.info.keep_rates is None else "grouped"
 
     def _drop_dead(self, q: ModelQueue) -> None:
         """Remove requests whose client left (future cancelled) or whose deadline passed (QueueTimeout): never
@@ -285,59 +283,3 @@ class Batcher:
         rates = [p.rate for p in batch]
         predicted = q.scheduler.batch_seconds(rates) if batch and q.latency.calibrated else 0.0
         return batch, predicted
-
-    # -- on the device thread ------------------------------------------------------------------------
-    def _run(self, q: ModelQueue, batch: list[Job], loop: asyncio.AbstractEventLoop) -> None:
-        hosted = q.hosted
-        # a compiled runner holds one graph per rate: a mixed-rate batch is one pass per rate
-        policy = self.settings.batch_policy if hosted.runner.info.keep_rates is None else "grouped"
-        passes = plan_passes([p.rate for p in batch], hosted.gmacs, q.latency.cost, policy)
-        for indices in passes:
-            items = [batch[i] for i in indices if not batch[i].future.done()]  # clients gone since forming
-            if items:
-                self._forward(q, items, loop)
-
-    def _forward(self, q: ModelQueue, items: list[Job], loop: asyncio.AbstractEventLoop) -> None:
-        """One pass; on out-of-memory, the two halves separately (recursively); failures answer only ``items``."""
-        hosted = q.hosted
-        try:
-            results = q.worker.forward(hosted, items)
-        except torch.cuda.OutOfMemoryError:
-            results = None  # retried below, once the exception (and the pass's tensors it holds) is gone
-        except Exception as e:
-            log.exception("forward pass of %d failed on %s", len(items), hosted.name)
-            loop.call_soon_threadsafe(self._fail, items, e)
-            return
-        if results is not None:
-            rates = [p.rate for p in items]
-            loop.call_soon_threadsafe(q.record, rates, results, self.metrics)
-            loop.call_soon_threadsafe(self._resolve, items, results)
-            loop.call_soon_threadsafe(q.learn, rates, results[0].inference_s, self.metrics)
-            return
-        q.worker.release_memory()
-        if len(items) == 1:
-            log.error("out of memory on %s for a single sample", hosted.name, extra={"model": hosted.name})
-            loop.call_soon_threadsafe(self._fail, items, torch.cuda.OutOfMemoryError("a single sample"))
-            return
-        half = len(items) // 2
-        log.warning("out of memory for a pass of %d on %s: retrying as %d + %d", len(items), hosted.name,
-                    half, len(items) - half, extra={"model": hosted.name})
-        self._forward(q, items[:half], loop)
-        self._forward(q, items[half:], loop)
-
-    @staticmethod
-    def _resolve(items: list[Job], results: list[SampleResult]) -> None:
-        for p, r in zip(items, results, strict=True):
-            if not p.future.done():
-                p.future.set_result(r)
-
-    @staticmethod
-    def _fail(items: list[Job], error: Exception) -> None:
-        for p in items:
-            if p.future.done():
-                continue
-            if isinstance(error, torch.cuda.OutOfMemoryError):  # a capacity problem: worth retrying later
-                p.future.set_exception(OutOfMemory("inference ran out of device memory, even for this image "
-                                                   "alone; retry later"))
-            else:
-                p.future.set_exception(InferenceFailed(f"inference failed: {type(error).__name__}"))
