@@ -10,7 +10,8 @@ during a pass form the next batch, so batches grow with load. When requests arri
 ``max_wait`` on average (low load), waiting could only add latency, so an idle model runs at once. Requests whose
 client went away or whose deadline passed are dropped when the batch is formed: they are never run. The
 batch is split into forward passes by ``policy.plan_passes`` and run on the device thread by ``passes``
-(failures and out-of-memory splitting there); each pass's requests are answered as soon as that pass ends. Errors are the core's own (``service.exceptions``); ``service.errors`` maps them to HTTP.
+(failures and out-of-memory splitting there); each pass's requests are answered as soon as that pass ends.
+Errors are the core's own (``service.exceptions``); ``service.errors`` maps them to HTTP.
 
 Deadlines, ``keep_rate=auto`` and priorities are decided by ``scheduler`` with the model's latency model
 (``latency``): the queue is kept in priority order, a request that cannot meet its deadline is refused
