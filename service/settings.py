@@ -10,6 +10,7 @@ Models can be given two ways. The flat flags (``--model``, ``--checkpoint``, ``-
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -79,7 +80,8 @@ class Settings(BaseSettings):
     backend: Literal["torch", "onnxruntime", "openvino", "auto"] = "torch"  # auto: openvino on a CPU, else torch
     precision: Literal["auto", "fp32", "bf16", "fp16"] | None = None  # None: fp16 on CUDA (half), fp32 on CPU
     keep_rates: Annotated[tuple[float, ...] | None, NoDecode] = None  # compiled buckets; None: 0.5, 0.55, ..., 1.0
-    graph_cache_dir: Path = Path("~/.cache/evit-serve/graphs")
+    graph_cache_dir: Path = Field(  # $XDG_CACHE_HOME (the image's writable /cache) or ~/.cache
+        default_factory=lambda: Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "evit-serve" / "graphs")
     cuda_graphs: bool = False  # torch backend on CUDA: replay captured graphs for uniform-rate passes
     torch_threads: int | None = Field(None, ge=1)
     decode_threads: int | None = Field(None, ge=1)  # None: min(4, CPU cores)
