@@ -156,7 +156,7 @@ async def test_openapi_documents_the_scheduling_parameters(serve, tiny_settings)
 
 
 async def test_models_answers_before_the_latency_model_is_calibrated(serve, tiny_settings) -> None:
-    async with serve(tiny_settings(warmup=False)) as (app, client):  # nothing measured yet: no predictions
+    async with serve(tiny_settings(warmup=False)) as (_app, client):  # nothing measured yet: no predictions
         r = await client.get("/models")
         assert r.status_code == 200
         info = r.json()["models"][0]["latency_model"]
