@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from unittest import mock
 
+from _virtual import SimDevice, SimModel, VirtualLoop
+
 import service.batcher
 from service.batcher import Batcher
 from service.exceptions import DeadlineUnreachable
@@ -25,7 +27,6 @@ from service.policy import PassCost
 from service.registry import Registry
 from service.scheduler import PRIORITIES, Job
 from service.settings import Settings
-from tests._virtual import SimDevice, SimModel, VirtualLoop
 
 BATCH = 8
 OVERHEAD, PER_GMAC = 0.004, 0.030  # the simulated device: seconds per pass, seconds per GMAC
