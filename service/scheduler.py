@@ -245,10 +245,12 @@ class Scheduler:
         return run, shed
 
     def info(self, rates: Sequence[float] = (1.0, 0.7, 0.5, 0.25)) -> dict[str, object]:
-        """For ``/models``: the latency model and the predicted time of a full batch at a few keep rates."""
-        predicted = {f"{r:.2f}": round(self.batch_seconds([r] * self.max_batch) * 1e3, 3) for r in rates}
-        return {**self.latency.info(), "max_batch_size": self.max_batch,
-                "predicted_batch_ms": predicted if self.latency.calibrated else None}
+        """For ``/models``: the latency model and the predicted time of a full batch at a few keep rates (None
+        while uncalibrated: without warm-up, until the first pass is measured)."""
+        predicted = None
+        if self.latency.calibrated:
+            predicted = {f"{r:.2f}": round(self.batch_seconds([r] * self.max_batch) * 1e3, 3) for r in rates}
+        return {**self.latency.info(), "max_batch_size": self.max_batch, "predicted_batch_ms": predicted}
 
     def _capped_fits(self, run: Sequence[Job], now: float, deadline: float, cap: float) -> bool:
         """Whether ``run`` ends by ``deadline`` with its auto members' rates capped at ``cap``."""

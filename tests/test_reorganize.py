@@ -10,8 +10,10 @@ from evit.reorganize import (
     ReorgOptions,
     Side,
     class_attention,
+    fuse_weights,
     keep_count,
     merge_adjacent,
+    plan_groups,
     prunes,
     reorganize,
     reorganize_group,
@@ -94,3 +96,44 @@ def test_reorganize_decides_once_and_returns_the_apply_step():
     assert sides[0].ids[0, :2].tolist() == attn[0].topk(2).indices.tolist() and sides[0].ids[0, 2] == -1
     with pytest.raises(ValueError, match="fusion must be one of"):
         ReorgOptions("both")
+
+
+def test_rates_with_equal_keep_counts_share_a_subgroup():
+    """0.55 and 0.56 both keep ceil(.. * 16) = 9 of 16 tokens: one subgroup of 5 samples, rows 0..4."""
+    g = Group(0, 5, 1 + 16, ((0.55, 2), (0.56, 3)))
+    assert split_group(g, 1, "one") == [(Group(0, 5, 1 + 9 + 1, ((0.55, 2), (0.56, 3))), 9)]
+    shifted = Group(4, 3, 1 + 16, ((0.3, 1), (0.55, 1), (0.56, 1)))  # a group later in the batch
+    assert [(s.start, s.size, k) for s, k in split_group(shifted, 1, "drop")] == [(4, 1, 5), (5, 2, 9)]
+    assert plan_groups([(0.5, 2), (1.0, 3)], 17) == [Group(0, 5, 17, ((0.5, 2), (1.0, 3)))]
+
+
+def test_prunes_counts_the_patches_and_follows_the_stage():
+    # 19 patches at 0.95 keep ceil(18.05) = 19: nothing dropped; 20 at 0.95 keep 19
+    assert not prunes(Group(0, 1, 1 + 19, ((0.95, 1),)), 1)
+    assert prunes(Group(0, 1, 1 + 20, ((0.95, 1),)), 1)
+    g = Group(0, 2, 1 + 16, ((0.5, 2),))
+    assert prunes(g, 1) and not prunes(g, 1, stage={0.5: 1.0})  # a schedule that keeps all at this block
+
+
+def test_fusion_weights_default_to_the_raw_attention_and_keep_the_dtype():
+    attn, kept = torch.tensor([[0.1, 0.4, 0.2, 0.3]]), torch.tensor([[1, 3]])
+    assert fuse_weights(attn, kept)[0].tolist() == pytest.approx([0.1, 0.0, 0.2, 0.0])  # the official sum
+    assert fuse_weights(attn, kept, normalize=True)[0].tolist() == pytest.approx([1 / 3, 0.0, 2 / 3, 0.0])
+    x = torch.randn(2, 1 + 4, 8).bfloat16()
+    (out,), _ = reorganize_group(x, torch.rand(2, 4), [(0, 2, 2)], 1, fuse=True)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 1 + 2 + 1, 8)
+
+
+def test_nearest_fusion_carries_sizes_and_scores():
+    """Fusion "nearest" from a state without sizes (every token one patch): each kept token's size and
+    accumulated score become its own plus those of the tokens merged into it. Six samples of 4 tokens
+    (more samples than tokens)."""
+    torch.manual_seed(0)
+    x, attn = torch.randn(6, 1 + 4, 3), torch.rand(6, 4)
+    scores = torch.rand(6, 4)
+    (out,), (side,) = reorganize(attn, [(0, 6, 2)], ReorgOptions("nearest"), scores)(x, Side(scores=scores))
+    assert out.shape == (6, 1 + 2, 3) and side.sizes.shape == side.scores.shape == (6, 2)
+    assert side.sizes.sum(1).tolist() == [4.0] * 6  # every patch is in one of the 2 kept tokens
+    torch.testing.assert_close(side.scores.sum(1), scores.sum(1))  # and so is its score
+    kept = scores.argsort(dim=1, descending=True)[:, :2]  # ranked by the accumulated score, not attn
+    assert (side.scores >= scores.gather(1, kept) - 1e-6).all()

@@ -153,3 +153,11 @@ async def test_openapi_documents_the_scheduling_parameters(serve, tiny_settings)
         assert {"const": "auto", "type": "string"} in params["keep_rate"]["schema"]["anyOf"]
         assert params["priority"]["schema"]["enum"] == ["high", "normal", "low"]
         assert all("deadline" in op["responses"][code]["description"] for code in ("503", "504"))
+
+
+async def test_models_answers_before_the_latency_model_is_calibrated(serve, tiny_settings) -> None:
+    async with serve(tiny_settings(warmup=False)) as (_app, client):  # nothing measured yet: no predictions
+        r = await client.get("/models")
+        assert r.status_code == 200
+        info = r.json()["models"][0]["latency_model"]
+        assert not info["calibrated"] and info["predicted_batch_ms"] is None and info["max_batch_size"] == 16

@@ -186,3 +186,100 @@ def test_slack_cuts_the_wait() -> None:
     assert s.slack(queue, 0.2) == pytest.approx(0.1 + 0.5 * (0.61 - span - 0.1) - 0.2)
     assert s.slack(queue, 0.3) == 0.0
     assert s.slack([Job(1.0, 0.1)], 0.0) == 0.0  # already late: go now
+
+
+def test_sustainable_rate_with_a_margin_and_other_traffic() -> None:
+    """Recent arrivals over a 2 s window: fixed-rate and high-priority ones the auto class must make room for,
+    low-priority ones it ignores; the device at most 90 % busy with the margin (safety 1.2) applied."""
+    latency = LatencyModel.from_warmup(PassCost(0.01, 0.1), gmacs(1.0), 4, z=2.0)
+    s = Scheduler(latency, gmacs, 4, policy="mixed", window=2.0)
+    assert latency.safety == pytest.approx(1.2)
+    for i in range(6):
+        s.load.add(0.3 * i, NORMAL, False, gmacs(1.0))
+        s.load.add(0.3 * i, LOW, True, gmacs(1.0))
+    for i in range(5):
+        s.load.add(0.3 * i + 0.1, HIGH, False, gmacs(0.7))
+        s.load.add(0.3 * i + 0.1, NORMAL, True, gmacs(0.5))
+    others, others_gmacs, autos = 11, 6 * gmacs(1.0) + 5 * gmacs(0.7), 5 + 1  # + the new one
+
+    def busy(rate: float) -> float:  # seconds of device time in the window, overhead shared by full batches
+        return latency.safety * ((others + autos) * 0.01 / 4 + 0.1 * (others_gmacs + autos * gmacs(rate)))
+
+    rate = s.sustainable(Job(1.0, 9, auto=True, min_rate=0.25), now=1.9)
+    assert rate == 0.7 and busy(rate) <= 0.9 * 2.0 < busy(rate + 0.05)
+
+
+def test_refusal_messages_and_codes() -> None:
+    assert str(Unreachable(1.0, 3.0, 2.5, 1.2)) == "predicted to finish 2000 ms from now, deadline 1500 ms"
+    what = "the request cannot be answered within its deadline (deadline_ms, or the request timeout)"
+    passed = api_error(refusal(Unreachable(1.0, 2.0, 1.0, 1.5), 3, 1))  # no time left at all
+    assert (passed.status, passed.headers) == (504, {})
+    assert passed.message == (f"{what}: it passed before the request could be queued (reading and decoding it took "
+                              "longer)")
+    idle = api_error(refusal(Unreachable(2.0, 2.2, 2.0005, 2.1), 3, 1))  # 0.5 ms left, one pass takes 100 ms
+    assert (idle.status, idle.headers) == (504, {})
+    assert idle.message == (f"{what} even by an idle model: 0.5 ms left, one pass is predicted to take 100.0 ms; "
+                            "allow a longer deadline or a lower keep rate")
+    busy = api_error(refusal(Unreachable(3.0, 6.0, 5.0, 3.1), 8, 2))
+    assert busy.message == (f"{what} under the current load: predicted to finish in 3000 ms (8 requests queued), "
+                            "deadline in 2000 ms; retry later, allow a longer deadline_ms, or use keep_rate=auto (or "
+                            "a lower min_keep_rate)")
+
+
+def test_place_predicts_the_batch_it_joins() -> None:
+    """A high-priority job overtakes 12 low ones: it runs in the first batch with 3 of them, exactly on time
+    when its deadline is that batch's end (no margin), and late a hair before; a fixed rate is kept as asked."""
+    s = scheduler()
+    low = [Job(1.0, 100.0, LOW) for _ in range(12)]
+    four = s.batch_seconds([1.0] * 4)
+    assert s.place(Job(1.0, four, HIGH), low, 0.0, 0.0) == (0, 1.0)
+    with pytest.raises(Unreachable):
+        s.place(Job(1.0, four - 1e-9, HIGH), low, 0.0, 0.0)
+    assert s.place(Job(0.5, 100.0, min_rate=0.5), low, 0.0, 0.0) == (0, 0.5)
+    assert s.plan([Job(1.0, 9.0)] * 6, 0.0, 0.0) == [pytest.approx(four)] * 4 + [pytest.approx(four + 0.21)] * 2
+
+
+def test_fit_batch_keeps_fixed_rates_and_sheds_only_late_members() -> None:
+    s = scheduler()
+    fixed = Job(0.5, 10.0)  # its min_rate (1.0) is auto's field: a fixed rate is never changed
+    assert s.fit_batch([fixed], 0.0) == ([fixed], []) and fixed.rate == 0.5
+    high, auto = Job(1.0, 0.15, HIGH), Job(1.0, 10.0, auto=True, min_rate=0.5)  # 0.19 s even at auto's floor
+    assert s.fit_batch([high, auto], 0.0) == ([auto], [high]) and auto.rate == 1.0  # the late one goes
+    both = s.batch_seconds([1.0, 1.0])
+    on_time = Job(1.0, both, LOW)  # ends exactly at its deadline even with high: not late, so high is shed
+    high = Job(1.0, 0.15, HIGH)
+    assert s.fit_batch([high, on_time], 0.0) == ([on_time], [high])
+
+
+def test_grid_step_runner_buckets_and_the_pass_policy() -> None:
+    assert scheduler(step=0.1).grid(0.5) == (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)
+    buckets = (0.5, 0.7, 1.0)
+    s = scheduler(snap=lambda r: min(buckets, key=lambda b: (abs(b - r), -b)))  # a compiled runner's buckets
+    assert s.grid(0.25) == (1.0, 0.7, 0.5)
+    deadline = s.batch_seconds([0.8]) + 1e-9  # 0.8 would fit; it is not a bucket, so auto takes 0.7
+    assert s.place(Job(1.0, deadline, auto=True, min_rate=0.25), [], 0.0, 0.0)[1] == 0.7
+    # one cheap-overhead line, three policies: mixed is one pass; grouped and auto (which groups here, the three
+    # cheap samples answered first) pay a second overhead
+    rates = [1.0, 0.25, 0.25, 0.25]
+    seconds = {p: Scheduler(exact(overhead=0.001), gmacs, 4, policy=p).batch_seconds(rates)
+               for p in ("mixed", "grouped", "auto")}
+    assert seconds == {"mixed": pytest.approx(0.221), "grouped": pytest.approx(0.222), "auto": pytest.approx(0.222)}
+
+
+def test_info_predicts_full_batches_once_calibrated() -> None:
+    info = scheduler().info((1.0, 0.5, 0.33333))
+    assert info["max_batch_size"] == 4 and info["calibrated"]
+    assert info["predicted_batch_ms"] == {"1.00": 410.0, "0.50": 250.0, "0.33": 196.666}  # 196.6656 ms, to the us
+    assert Scheduler(LatencyModel(), gmacs, 4).info()["predicted_batch_ms"] is None
+
+
+def test_offered_load_counts_auto_requests_placed_and_refused() -> None:
+    """``sustainable`` shares the device among a class's auto requests: each is counted as auto, once, whether
+    placed (at its chosen rate) or refused at admission (``check``) or when placed."""
+    s = scheduler()
+    _, rate = s.place(Job(1.0, 100.0, auto=True, min_rate=0.5), [], 0.0, 0.0)
+    assert s.load.demand(0.0, NORMAL) == (0, 0.0, 1) and s.load.demand(0.0, LOW) == (1, gmacs(rate), 0)
+    for decide in (s.check, s.place):
+        with pytest.raises(Unreachable):
+            decide(Job(1.0, 0.01, auto=True, min_rate=0.5), [], 0.0, 0.0)
+    assert s.load.demand(0.0, NORMAL) == (0, 0.0, 3)

@@ -1,21 +1,32 @@
-"""The scheduler under load, on a deterministic fake clock: a simulated device whose pass time is a known
-line in GMACs (with seeded noise), Poisson arrivals, and the service's own decisions (``Scheduler.place``
-at arrival, ``fit_batch`` when a batch forms, the latency model learning from every simulated pass).
-
-The batch loop here mirrors ``Batcher._form_batches`` with a zero max wait: whenever the device is free and
-the queue is not empty, the first ``max_batch`` jobs (run order) form a batch, which the policy splits
-into passes; every member finishes when the batch ends.
+"""The scheduler under load, through the real ``service.batcher.Batcher`` on a virtual clock (``tests/_virtual``):
+a simulated device whose pass time is a known line in GMACs (with seeded noise), Poisson arrivals, and the
+service's own code path for each request (``check``, ``admit``, ``submit`` with ``Scheduler.place``, the batch
+former's wait, ``fit_batch`` and the passes the policy plans, the latency model learning from every pass).
+A request's latency is from its arrival to its answer (the end of its pass); refused, shed or expired
+requests count as not answered in time. The clock is virtual, so every run is deterministic and takes well
+under a second of real time per simulated 10 s.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 from dataclasses import dataclass, field
+from types import SimpleNamespace
+from unittest import mock
 
+from _virtual import SimDevice, SimModel, VirtualLoop
+
+import service.batcher
+from service.batcher import Batcher
+from service.exceptions import DeadlineUnreachable
 from service.latency import LatencyModel
-from service.policy import PassCost, plan_passes
-from service.scheduler import PRIORITIES, Job, Scheduler, Unreachable
+from service.metrics import Metrics
+from service.policy import PassCost
+from service.registry import Registry
+from service.scheduler import PRIORITIES, Job
+from service.settings import Settings
 
 BATCH = 8
 OVERHEAD, PER_GMAC = 0.004, 0.030  # the simulated device: seconds per pass, seconds per GMAC
@@ -35,7 +46,7 @@ DEADLINE = 4 * FULL_BATCH_S
 class Outcome:
     arrival: float
     job: Job
-    finish: float | None = None  # None: refused or shed (answered at once, not run)
+    finish: float | None = None  # None: refused, shed or expired (answered without running)
 
     @property
     def latency(self) -> float:
@@ -46,6 +57,7 @@ class Outcome:
 class Run:
     outcomes: list[Outcome] = field(default_factory=list)
     latency: LatencyModel | None = None
+    device: SimDevice | None = None
 
     def within(self, start: float = 0.0, end: float = math.inf, deadline: float = DEADLINE) -> float:
         """Fraction of the requests that arrived in [start, end) answered within ``deadline``."""
@@ -70,64 +82,69 @@ def arrivals(phases: list[tuple[float, float]], seed: int = 0) -> list[float]:
     return out
 
 
-def simulate(times: list[float], make_job, *, prior_error: float = 0.7, noise: float = 0.05,
-             refuse: bool = True, seed: int = 1, slowdown=lambda t: 1.0) -> Run:
-    """Serve arrivals at ``times``; ``make_job(i, t)`` builds each request's Job. The latency model starts
-    from a warm-up calibration ``prior_error`` times the device's true speed (it has to learn the rest);
-    ``slowdown(t)`` scales the device's pass times from time t (other work on a shared CPU)."""
+def simulate(times: list[float], make_job, *, prior_error: float = 0.7, noise: float = 0.05, seed: int = 1,
+             slowdown=lambda t: 1.0) -> Run:
+    """Serve arrivals at ``times`` with the real batcher; ``make_job(i, t)`` builds each request's Job. The
+    latency model starts from a warm-up calibration ``prior_error`` times the device's true speed (it has to
+    learn the rest); ``slowdown(t)`` scales the pass times from time t (other work on a shared CPU)."""
+    loop = VirtualLoop()
+    clock = SimpleNamespace(monotonic=loop.time, perf_counter=loop.time)
+    try:
+        with mock.patch.object(service.batcher, "time", clock):
+            return loop.run_until_complete(_serve(loop, times, make_job, prior_error, noise, seed, slowdown))
+    finally:
+        loop.close()
+
+
+async def _serve(loop: VirtualLoop, times, make_job, prior_error, noise, seed, slowdown) -> Run:
     rng = random.Random(seed)
-    prior = PassCost(OVERHEAD * prior_error, PER_GMAC * prior_error)
-    latency = LatencyModel.from_warmup(prior, gmacs(1.0), BATCH)
-    sched = Scheduler(latency, gmacs, BATCH)
-    run = Run(latency=latency)
-    queue: list[tuple[Job, Outcome]] = []
-    measured: list[tuple[float, float, float]] = []  # (pass end, GMACs, seconds), learnt once the pass ends
-    now, free_at, busy_until, i = 0.0, 0.0, 0.0, 0
-    while i < len(times) or queue:
-        while measured and measured[0][0] <= now:
-            latency.observe(*measured.pop(0)[1:])
-        if queue and free_at <= now:  # the device is free: form a batch (Batcher._take)
-            live = [(j, o) for j, o in queue if j.deadline > now]  # past their deadline: dropped unrun
-            batch, queue = live[:BATCH], live[BATCH:]
-            keep, _shed = sched.fit_batch([j for j, _ in batch], now)
-            rates = [j.rate for j in keep]
-            busy_until = free_at = now + (sched.batch_seconds(rates) if rates else 0.0)
-            end = now
-            for p in plan_passes(rates, gmacs, latency.cost) if rates else []:
-                work = sum(gmacs(rates[k]) for k in p)
-                seconds = (OVERHEAD + PER_GMAC * work) * math.exp(rng.gauss(0.0, noise)) * slowdown(end)
-                end += seconds
-                measured.append((end, work, seconds))
-            free_at = end
-            for j, o in batch:
-                if any(j is k for k in keep):
-                    o.finish = end
+
+    def seconds(rates: list[float], start: float) -> float:
+        work = sum(gmacs(r) for r in rates)
+        return (OVERHEAD + PER_GMAC * work) * math.exp(rng.gauss(0.0, noise)) * slowdown(start)
+
+    settings = Settings(max_batch_size=BATCH, queue_size=100_000)
+    model = SimModel("sim", gmacs)
+    batcher = Batcher(Registry([model]), settings, Metrics())  # type: ignore[list-item]
+    device = SimDevice(loop, seconds)
+    q = batcher.queues["sim"]
+    batcher.workers, q.worker = {model.device: device}, device  # type: ignore[dict-item, assignment]
+    prior = PassCost(OVERHEAD * prior_error, PER_GMAC * prior_error)  # what warm-up would have measured
+    q.scheduler.latency = LatencyModel.from_warmup(prior, gmacs(1.0), BATCH, z=settings.latency_safety_z)
+    run = Run(latency=q.scheduler.latency, device=device)
+    batcher.start()
+    answers = []
+    for i, t in enumerate(times):
+        await asyncio.sleep(t - loop.time())
+        job = make_job(i, t)
+        outcome = Outcome(t, job)
+        run.outcomes.append(outcome)
+        try:  # as service.runtime does: checked, admitted, then submitted (its image decoded in no time)
+            batcher.check("sim", job)
+            with batcher.admit("sim", job) as ticket:
+                batcher.submit(ticket, job)
+        except DeadlineUnreachable:
             continue
-        next_free = free_at if queue and free_at > now else math.inf
-        next_arrival = times[i] if i < len(times) else math.inf
-        now = max(now, min(next_free, next_arrival))
-        if i < len(times) and times[i] <= now:  # an arrival (Batcher.submit)
-            job = make_job(i, times[i])
-            outcome = Outcome(times[i], job)
-            run.outcomes.append(outcome)
-            i += 1
-            try:
-                index, job.rate = sched.place(job, [j for j, _ in queue], now, busy_until if free_at > now else now)
-            except Unreachable:
-                if refuse:
-                    continue
-                index = len(queue)
-            queue.insert(index, (job, outcome))
+        job.future.add_done_callback(lambda f, o=outcome: _answered(f, o, loop))
+        answers.append(job.future)
+    await asyncio.gather(*answers, return_exceptions=True)
+    await batcher.stop()
+    assert not batcher.dead and batcher.idle()
     return run
+
+
+def _answered(future: asyncio.Future, outcome: Outcome, loop: VirtualLoop) -> None:
+    if not future.cancelled() and future.exception() is None:
+        outcome.finish = loop.time()
 
 
 def auto_job(min_rate: float = 0.25, priority: str = "normal"):
     return lambda i, t: Job(1.0, t + DEADLINE, PRIORITIES.index(priority), auto=True, min_rate=min_rate,
-                            target=t + DEADLINE)
+                            target=t + DEADLINE, arrival=t)
 
 
 def fixed_job(rate: float = 1.0, deadline: float = DEADLINE):
-    return lambda i, t: Job(rate, t + deadline, min_rate=rate)
+    return lambda i, t: Job(rate, t + deadline, min_rate=rate, arrival=t)
 
 
 OVERLOAD = [(30.0, 2 * CAPACITY), (10.0, 0.3 * CAPACITY)]  # 2x the full model's capacity, then light load
@@ -137,7 +154,7 @@ def test_auto_meets_the_deadline_where_fixed_full_rate_cannot() -> None:
     times = arrivals(OVERLOAD)
     auto = simulate(times, auto_job())
     fixed = simulate(times, fixed_job())  # refused at once when it would be late
-    queued = simulate(times, fixed_job(deadline=math.inf), refuse=False)  # no deadline: plain queueing
+    queued = simulate(times, fixed_job(deadline=math.inf))  # no deadline: plain queueing
     # under 2x the full model's capacity, auto answers >= 99 % within 4x a full batch's time ...
     assert auto.within(0, 30) >= 0.99
     assert auto.mean_rate(5, 30) < 0.5  # ... by running at lower keep rates
@@ -147,6 +164,8 @@ def test_auto_meets_the_deadline_where_fixed_full_rate_cannot() -> None:
     served = [o for o in fixed.outcomes if o.finish is not None]
     assert sum(o.latency <= DEADLINE for o in served) / len(served) >= 0.99
     assert queued.within(0, 30) < 0.2
+    sizes = [len(rates) for _, rates in queued.device.passes]  # a backlog runs in full batches, never more
+    assert max(sizes) == BATCH and sizes.count(BATCH) >= 0.9 * len(sizes)
     # when the load falls, the chosen keep rates rise again
     assert auto.mean_rate(35, 40) >= 0.95
     assert auto.within(30, 40) == 1.0
