@@ -18,12 +18,15 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.edge import V2_INFER, query_param
 from service.errors import error_body
+from service.exceptions import Overloaded
+from service.job import Job
 from service.modelqueue import ModelQueue
 from service.runtime import Service
 
@@ -72,10 +75,13 @@ class Shedder:
         labels = None if q is None else (q.hosted.name, None if named else _rate(scope, q))
         if svc.draining:
             return "draining", "the service is shutting down", "1", labels
-        if q is None or q.admitted < svc.settings.queue_size:
+        if q is None:
             return None
-        message = f"model {q.hosted.name} is overloaded ({q.admitted} requests queued); retry later"
-        return "overloaded", message, str(batcher.retry_after(q)), labels
+        try:  # the batcher's own room check, for a normal-priority request (the route judges the others)
+            batcher.room(q.hosted.name, Job(q.hosted.default_keep_rate, math.inf))
+        except Overloaded as e:
+            return "overloaded", e.message, str(e.retry_after_s), labels
+        return None
 
     def _note(self, path: str, error: str) -> None:
         self.shed += 1
