@@ -31,6 +31,8 @@ import httpx
 import torch
 
 from benchmarks.servers import ROOT, saturate, start_server, stop_server, wait_ready
+from evit.backends import BACKENDS
+from evit.precision import PRECISIONS
 from service.job import Job
 from service.registry import host, resolve_device
 from service.settings import ASSET_CHECKPOINT, ModelSpec, Settings
@@ -245,9 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         ("--out", Path, Path("out/service-bench.json"), "JSON report"),
     ):
         p.add_argument(flag, type=kind, default=default, help=text)
-    p.add_argument("--backend", choices=["torch", "onnxruntime", "openvino"], default="torch",
+    p.add_argument("--backend", choices=BACKENDS, default="torch",
                    help="also serve on this backend and compare it with the eager fp32 service")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
     p.add_argument("--backend-only", action="store_true",
                    help="only the eager fp32 service and the --backend one (no batching-off / policy servers)")
     args = p.parse_args(argv)

@@ -78,8 +78,6 @@ def run(args: argparse.Namespace) -> dict:
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     device = torch.device(args.device)
     dtype = resolve_precision(args.precision, device)
-    if args.backend != "torch" and dtype == torch.float16 and device.type == "cpu":
-        raise SystemExit("fp16 runs on CUDA only")
     torch.manual_seed(0)
     options = {**cli.options(args), **args.model_kwargs}
     model = evit.create_model(args.model, checkpoint_path=args.checkpoint, **options).eval().to(device)

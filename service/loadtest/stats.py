@@ -6,7 +6,7 @@ Latencies are recorded in seconds (the histograms' unit) and reported in millise
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -105,7 +105,7 @@ class Recorder:
     def __init__(self, labels: tuple[str, ...], slo: float | None = None, start: float = 0.0) -> None:
         self.per_rate = {label: RateStats() for label in labels}
         self.send_lag = LogHistogram()  # actual send time - scheduled send time (open loop)
-        self.per_second: dict[int, RateStats] = {}
+        self.per_second: defaultdict[int, RateStats] = defaultdict(RateStats)
         self.slo = slo
         self.start = start
 
@@ -114,7 +114,7 @@ class Recorder:
 
     def on_answer(self, label: str, status: str, latency: float, lag: float, body: object, at: float = 0.0) -> None:
         """An answer (``status``: "200", "503", "timeout", ...) that came back at ``at`` (perf_counter)."""
-        second = self.per_second.setdefault(max(int(at - self.start), 0), RateStats())
+        second = self.per_second[max(int(at - self.start), 0)]  # one RateStats per second, made once
         second.sent += 1  # per second: answers that came back in it
         for stats in (self.per_rate[label], second):
             self._count(stats, status, latency)
