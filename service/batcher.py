@@ -64,8 +64,11 @@ class Batcher:
     def _scheduler(self, hosted: HostedModel) -> Scheduler:
         """Uncalibrated until warm-up (without warm-up: until the first passes are measured)."""
         s = self.settings
-        snap = None if hosted.runner.info.keep_rates is None else hosted.runner.snap
-        return Scheduler(LatencyModel(z=s.latency_safety_z), hosted.gmacs, s.max_batch_size, s.batch_policy,
+        buckets = hosted.runner.info.keep_rates
+        snap = None if buckets is None else hosted.runner.snap
+        # a compiled runner holds one graph per rate: a mixed-rate batch is one pass per rate, predicted so too
+        policy = s.batch_policy if buckets is None else "grouped"
+        return Scheduler(LatencyModel(z=s.latency_safety_z), hosted.gmacs, s.max_batch_size, policy,
                          s.auto_keep_rate_step, s.load_window_s, snap)
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -200,7 +203,8 @@ class Batcher:
             start = time.monotonic()
             q.busy_until = start + predicted
             try:
-                await loop.run_in_executor(q.worker.executor, run_batch, q, batch, self._policy(q), self.metrics, loop)
+                await loop.run_in_executor(q.worker.executor, run_batch, q, batch, q.scheduler.policy, self.metrics,
+                                           loop)
             except Exception as e:  # the pass itself failed: answer InferenceFailed, keep serving
                 log.exception("batch of %d failed on %s", len(batch), q.hosted.name)
                 fail([p for p in batch if not p.future.done()], e)
@@ -229,10 +233,6 @@ class Batcher:
             q.wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(q.wake.wait(), timeout)
-
-    def _policy(self, q: ModelQueue) -> str:
-        """A compiled runner holds one graph per rate: a mixed-rate batch is one pass per rate."""
-        return self.settings.batch_policy if q.hosted.runner.info.keep_rates is None else "grouped"
 
     def _drop_dead(self, q: ModelQueue) -> None:
         """Remove requests whose client left (future cancelled) or whose deadline passed (QueueTimeout): never
