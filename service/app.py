@@ -194,7 +194,6 @@ def create_app(settings: Settings | None = None, registry: Registry | None = Non
     )
     app.state.service = service
     app.state.uploads = UploadBudget(settings.upload_budget_bytes)  # bodies being received, all routes
-    service.metrics.set_build_info(backend="torch")
     install_error_handlers(app)
     app.include_router(router)
     app.include_router(v2.router)

@@ -142,7 +142,7 @@ class Metrics:
         self.latency_error.labels(model=model).set(error)
 
     def set_build_info(self, backend: str) -> None:
-        """``evit_build_info{version, torch, timm, python, backend} 1``."""
+        """``evit_build_info{version, torch, timm, python, backend} 1`` (backend: the hosted models', comma-joined)."""
         import timm
         import torch
 

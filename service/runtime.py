@@ -75,6 +75,7 @@ class Service:
         """Load (unless given), start the batch formers, and warm up in the background (/readyz waits)."""
         if self.registry is None:
             self.registry = await asyncio.to_thread(load_registry, self.settings)
+        self.metrics.set_build_info(",".join(sorted({m.runner.info.backend for m in self.registry})))
         self.batcher = Batcher(self.registry, self.settings, self.metrics, on_fatal=self.fail)
         self.batcher.start()
         self._warm_task = asyncio.create_task(self._warm_up(), name="warm-up")

@@ -114,6 +114,8 @@ async def test_service_snaps_to_a_bucket_and_reports_it(backend, serve, tiny_set
         body = r.json()
         runner = app.state.service.registry.get("tiny").runner
         assert body["keep_rate"] == 0.7 and body["tokens"] == runner.cost(0.7).total_tokens
+        text = (await client.get("/metrics")).text  # build info names the backend that runs the passes
+        assert f'backend="{backend}"' in next(line for line in text.splitlines() if line.startswith("evit_build_info"))
 
 
 def test_backend_settings_from_flags_and_env(monkeypatch) -> None:
