@@ -87,3 +87,22 @@ def snap_to(rates: Sequence[float] | None, rate: float) -> float:
         return rate
     above = [r for r in rates if r >= rate - 1e-9]
     return min(above) if above else max(rates)
+
+
+def model_info(model: Any, name: str, backend: str, precision: str, device: torch.device,
+               input_size: tuple[int, ...], keep_rates: tuple[float, ...] | None) -> RunnerInfo:
+    """``RunnerInfo`` of an EViT-patched timm ``model`` (its options, patch grid and classes); the default
+    keep rate snaps to ``keep_rates`` when the runner has buckets."""
+    cfg = model.evit_cfg
+    return RunnerInfo(
+        name=name or type(model).__name__, backend=backend, precision=precision,  # type: ignore[arg-type]
+        device=str(device), prune_blocks=tuple(cfg.prune_blocks), grid=tuple(model.patch_embed.grid_size),
+        num_classes=int(model.num_classes), input_size=input_size,
+        default_keep_rate=snap_to(keep_rates, float(cfg.keep_rate)), fuse=bool(cfg.fuse), fusion=cfg.fusion,
+        keep_rates=keep_rates,
+    )
+
+
+def kept_indices(stages: Sequence[torch.Tensor], batch: int) -> list[list[list[int]]]:
+    """Per sample, per pruning stage: the indices of the patches still their own token (stages: B, P masks)."""
+    return [[s[i].nonzero().flatten().tolist() for s in stages] for i in range(batch)]

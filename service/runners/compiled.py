@@ -26,7 +26,7 @@ import evit
 from evit import Cost
 from evit.backends import GraphFn, backend_version, import_backend, load_graph
 from evit.export import OPSET, export_onnx
-from service.runners.base import RunnerInfo, RunnerOutput, snap_to
+from service.runners.base import RunnerOutput, kept_indices, model_info, snap_to
 
 log = logging.getLogger("service.runners")
 
@@ -74,14 +74,9 @@ class CompiledRunner:
         rates = tuple(sorted({round(float(r), 6) for r in (keep_rates or DEFAULT_BUCKETS)}))
         if not rates or not all(0.0 < r <= 1.0 for r in rates):
             raise ValueError(f"keep-rate buckets must be in (0, 1], got {rates}")
-        cfg = model.evit_cfg
-        self.info = RunnerInfo(
-            name=name or type(model).__name__, backend=self.backend, precision=precision,  # type: ignore[arg-type]
-            device=str(device), prune_blocks=tuple(cfg.prune_blocks), grid=tuple(model.patch_embed.grid_size),
-            num_classes=int(model.num_classes), input_size=tuple(self._data_config["input_size"]),
-            default_keep_rate=snap_to(rates, float(cfg.keep_rate)), fuse=bool(cfg.fuse), fusion=cfg.fusion,
-            keep_rates=rates,
-        )
+        self.info = model_info(model, name, self.backend, precision, device,
+                               tuple(self._data_config["input_size"]), rates)
+        self._costs: dict[float, Cost] = {}  # per bucket: every pass reads its tokens
         self._graphs: dict[float, GraphFn] = {}
         self._key_base: dict[str, Any] | None = None
 
@@ -93,7 +88,10 @@ class CompiledRunner:
         return snap_to(self.info.keep_rates, rate)
 
     def cost(self, rate: float) -> Cost:
-        return self.model.cost(rate)
+        cost = self._costs.get(rate)
+        if cost is None:
+            cost = self._costs[rate] = self.model.cost(rate)
+        return cost
 
     def cache_key(self, rate: float) -> str:
         """The graph's file name: a hash of everything that changes what the graph computes or how it loads."""
@@ -147,8 +145,8 @@ class CompiledRunner:
             with torch.inference_mode():
                 out = self.model.forward_with_info(torch.stack(list(images)), keep_rate=rates, return_kept=True)
             stages = [s.cpu() for s in out.kept or []]
-            kept = [[s[i].nonzero().flatten().tolist() for s in stages] for i in range(len(images))]
-            return RunnerOutput(out.logits.float(), [int(t) for t in out.tokens.tolist()], kept)
+            return RunnerOutput(out.logits.float(), [int(t) for t in out.tokens.tolist()],
+                                kept_indices(stages, len(images)))
         x = torch.stack(list(images)).numpy()  # B, C, H, W float32
         logits = torch.empty(len(images), self.info.num_classes)  # B, classes
         for rate in sorted(set(rates)):  # one pass per rate: its graph on its samples

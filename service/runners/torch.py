@@ -10,9 +10,8 @@ from torch import nn
 
 import evit
 from evit import Cost
-from service.runners.base import RunnerInfo, RunnerOutput
-
-PRECISIONS = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+from evit.precision import precision_name
+from service.runners.base import RunnerOutput, kept_indices, model_info
 
 
 class TorchRunner:
@@ -24,13 +23,8 @@ class TorchRunner:
         self.device = device
         self.dtype = dtype
         self._data_config = evit.data_config(model)
-        cfg = model.evit_cfg
-        self.info = RunnerInfo(
-            name=name or type(model).__name__, backend="torch", precision=PRECISIONS[dtype], device=str(device),
-            prune_blocks=tuple(cfg.prune_blocks), grid=tuple(model.patch_embed.grid_size),  # type: ignore[arg-type]
-            num_classes=int(model.num_classes), input_size=tuple(self._data_config["input_size"]),
-            default_keep_rate=float(cfg.keep_rate), fuse=bool(cfg.fuse), fusion=cfg.fusion, keep_rates=None,
-        )
+        self.info = model_info(model, name, "torch", precision_name(dtype), device,
+                               tuple(self._data_config["input_size"]), None)
         self._pinned: torch.Tensor | None = None  # max-batch staging buffer in pinned memory (CUDA)
 
     @property
@@ -61,9 +55,7 @@ class TorchRunner:
             logits = out.logits.float().cpu()  # B, classes
             tokens = out.tokens.cpu().tolist()  # B
             stages = [s.cpu() for s in out.kept] if return_kept and out.kept else None  # stages of B, P
-        kept = None
-        if stages is not None:
-            kept = [[s[i].nonzero().flatten().tolist() for s in stages] for i in range(len(images))]
+        kept = None if stages is None else kept_indices(stages, len(images))
         return RunnerOutput(logits, [int(t) for t in tokens], kept)
 
     def warm_up(self) -> None:
