@@ -130,14 +130,15 @@ class Batcher:
     def check(self, model: str, job: Job) -> None:
         """Refuse now, before the body is read: ``Overloaded`` when ``model``'s queue is full (for low priority:
         its share of the queue), or a refusal when ``job`` is already predicted to miss its deadline."""
-        q = self.room(model, job)
+        q = self.room(model, job.priority)
         self._check(q, job)
 
-    def room(self, model: str, job: Job) -> ModelQueue:
-        """``model``'s queue if it has room for ``job``; else ``Overloaded`` (503 with Retry-After)."""
+    def room(self, model: str, priority: Priority = Priority.NORMAL) -> ModelQueue:
+        """``model``'s queue if it has room for a request of ``priority``; else ``Overloaded`` (503 with
+        Retry-After)."""
         q = self.queues[model]
         limit = self.settings.queue_size
-        if job.priority == Priority.LOW:
+        if priority == Priority.LOW:
             limit = max(1, int(limit * self.settings.low_priority_queue_share))
         if q.admitted >= limit:
             which = "" if limit == self.settings.queue_size else " for low-priority requests"
@@ -148,7 +149,7 @@ class Batcher:
     def admit(self, model: str, job: Job) -> Ticket:
         """A slot in ``model``'s queue (taken once the body is complete, so slow uploads hold none), or
         ``Overloaded`` when the queue is full (see :meth:`check`)."""
-        q = self.room(model, job)
+        q = self.room(model, job.priority)
         q.admitted += 1
         self.metrics.admitted.labels(model=model).set(q.admitted)
         return Ticket(q, self.metrics)

@@ -137,7 +137,7 @@ class Service:
         """503 before a body is read when the service is not accepting or ``hosted``'s queue is full."""
         self.check_accepting()
         assert self.batcher is not None
-        self.batcher.room(hosted.name, Job(hosted.default_keep_rate, math.inf))
+        self.batcher.room(hosted.name)
 
     def check_accepting(self) -> None:
         if self.failure is not None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import time
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -26,7 +25,6 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from service.edge import V2_INFER, query_param
 from service.errors import error_body
 from service.exceptions import Overloaded
-from service.job import Job
 from service.modelqueue import ModelQueue
 from service.runtime import Service
 
@@ -78,7 +76,7 @@ class Shedder:
         if q is None:
             return None
         try:  # the batcher's own room check, for a normal-priority request (the route judges the others)
-            batcher.room(q.hosted.name, Job(q.hosted.default_keep_rate, math.inf))
+            batcher.room(q.hosted.name)
         except Overloaded as e:
             return "overloaded", e.message, str(e.retry_after_s), labels
         return None
