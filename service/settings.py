@@ -139,14 +139,9 @@ class Settings(BaseSettings):
     def _lists(cls, v: Any) -> Any:
         return _split_commas(v)
 
-    @field_validator("prune_blocks", mode="before")
+    @field_validator("prune_blocks", "keep_rates", mode="before")
     @classmethod
-    def _blocks(cls, v: Any) -> Any:
-        return None if v in ("", None) else _split_commas(v)
-
-    @field_validator("keep_rates", mode="before")
-    @classmethod
-    def _buckets(cls, v: Any) -> Any:
+    def _optional_list(cls, v: Any) -> Any:
         return None if v in ("", None) else _split_commas(v)
 
     @field_validator("keep_rates")
