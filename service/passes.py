@@ -41,10 +41,7 @@ def _forward(q: ModelQueue, items: list[Job], metrics: Metrics, loop: asyncio.Ab
         loop.call_soon_threadsafe(fail, items, e)
         return
     if results is not None:
-        rates = [p.rate for p in items]
-        loop.call_soon_threadsafe(q.record, rates, results, metrics)
-        loop.call_soon_threadsafe(resolve, items, results)
-        loop.call_soon_threadsafe(q.learn, rates, results[0].inference_s, metrics)
+        loop.call_soon_threadsafe(_done, q, items, results, metrics)  # one wake-up of the event loop per pass
         return
     q.worker.release_memory()
     if len(items) == 1:
@@ -56,6 +53,14 @@ def _forward(q: ModelQueue, items: list[Job], metrics: Metrics, loop: asyncio.Ab
                 half, len(items) - half, extra={"model": hosted.name})
     _forward(q, items[:half], metrics, loop)
     _forward(q, items[half:], metrics, loop)
+
+
+def _done(q: ModelQueue, items: list[Job], results: list[SampleResult], metrics: Metrics) -> None:
+    """On the event loop: the pass's metrics, then its answers, then what the latency model learns from it."""
+    rates = [p.rate for p in items]
+    q.record(rates, results, metrics)
+    resolve(items, results)
+    q.learn(rates, results[0].inference_s, metrics)
 
 
 def resolve(items: list[Job], results: list[SampleResult]) -> None:
