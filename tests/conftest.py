@@ -24,20 +24,11 @@ TINY_MODEL = {"name": "tiny", "arch": "vit_tiny_patch16_224", "weights": "random
 @pytest.fixture(scope="session")
 def real_data() -> tuple[Any, Any, Any]:
     """(real ViT-Ti EViT model, the 500 sample images preprocessed, their labels), built once per run."""
-    import csv
-
-    import timm
-    import torch
-    from PIL import Image
-
     import evit
+    from evit.tools.backends import load_images
 
     model = evit.create_model("vit_tiny_patch16_224", checkpoint_path=WEIGHTS).eval()
-    transform = timm.data.create_transform(**evit.data_config(model))
-    with open(IMAGES / "labels.tsv") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    x = torch.stack([transform(Image.open(IMAGES / r["filename"]).convert("RGB")) for r in rows])
-    y = torch.tensor([int(r["class_index"]) for r in rows])
+    x, y = load_images(IMAGES, model)
     return model, x, y
 
 

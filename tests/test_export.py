@@ -88,3 +88,23 @@ def test_real_vit_ti_export_equals_eager(options: dict, tmp_path) -> None:
     with torch.no_grad():
         eager = model(x, keep_rate=0.7).numpy()
     assert np.abs(out - eager).max() < 1e-4
+
+
+def test_backends_tool_exports_each_rate_once(monkeypatch) -> None:
+    """evit.tools.backends compiles one exported graph per option set and rate for every compiled combo."""
+    from evit.tools import backends
+
+    exported: list[float] = []
+
+    def counting_export(*args, keep_rate: float, **kwargs):
+        exported.append(keep_rate)
+        return export_onnx(*args, keep_rate=keep_rate, **kwargs)
+
+    monkeypatch.setattr(backends, "export_onnx", counting_export)
+    _, model = tiny_pair("vit")
+    x = images(4)
+    with torch.no_grad():
+        y = model(x, keep_rate=0.5).argmax(-1)
+    rows = backends.run(model, x, y, ["torch:fp32", "onnxruntime:fp32", "onnxruntime:fp32"], [1.0, 0.5], ["paper"])
+    assert exported == [1.0, 0.5]
+    assert [r["agreement"] for r in rows if r["keep_rate"] == 0.5] == [100.0] * 3

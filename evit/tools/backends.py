@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
+import functools
 import json
 import tempfile
 from collections.abc import Callable
@@ -25,29 +25,31 @@ import evit
 from evit.backends import load_graph
 from evit.export import export_onnx
 from evit.precision import precision_name, resolve_precision
+from evit.tools.data import load_labels
 
 OPTION_SETS = {"paper": {}, "accurate": dict(evit.ACCURATE)}
 
 
 def load_images(folder: Path, model: nn.Module, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images N, 3, H, W preprocessed with timm's config for ``model``, labels N) from ``labels.tsv``."""
+    """(images N, 3, H, W preprocessed with timm's config for ``model``, labels N) from ``folder``
+    (``labels.tsv`` or an ImageFolder layout, read by ``evit.tools.data.load_labels``)."""
     transform = timm.data.create_transform(**evit.data_config(model))
-    with open(folder / "labels.tsv") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))[:limit]
-    x = torch.stack([transform(Image.open(folder / r["filename"]).convert("RGB")) for r in rows])
-    return x, torch.tensor([int(r["class_index"]) for r in rows])
+    items = load_labels(folder)[:limit]
+    x = torch.stack([transform(Image.open(path).convert("RGB")) for path, _ in items])
+    return x, torch.tensor([label for _, label in items])
 
 
-def predictor(model: nn.Module, backend: str, precision: str, rate: float, tmp: Path
+def predictor(model: nn.Module, backend: str, precision: str, rate: float, graph: Callable[[], Path]
               ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``x -> top-1 classes`` for ``model`` at ``rate`` run by ``backend`` at ``precision`` (auto resolved)."""
+    """``x -> top-1 classes`` for ``model`` at ``rate`` run by ``backend`` at ``precision`` (auto resolved);
+    ``graph()`` gives the ONNX file of ``model`` at ``rate`` a compiled backend loads."""
     dtype = resolve_precision(precision, "cpu")
     precision = precision_name(dtype)
     if backend == "torch":
         cast = copy.deepcopy(model).to(dtype)
         return lambda x: cast(x.to(dtype), keep_rate=rate).argmax(-1)
-    graph = load_graph(export_onnx(model, tmp / f"{rate}.onnx", keep_rate=rate), backend, precision)
-    return lambda x: torch.from_numpy(graph(x.numpy())).argmax(-1)
+    run = load_graph(graph(), backend, precision)
+    return lambda x: torch.from_numpy(run(x.numpy())).argmax(-1)
 
 
 def top1(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int = 50) -> torch.Tensor:
@@ -58,17 +60,19 @@ def top1(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch: int
 def run(model: nn.Module, x: torch.Tensor, y: torch.Tensor, combos: list[str], rates: list[float],
         option_sets: list[str], progress: Callable[[dict], None] | None = None) -> list[dict]:
     """One row per option set, keep rate and ``backend:precision`` (eager fp32 is the reference); ``progress``
-    gets each row as it is measured."""
+    gets each row as it is measured. Each option set and rate is exported once (on first use), and every
+    compiled ``backend:precision`` compiles that one graph."""
     rows = []
     for name in option_sets:
         evit.apply_patch(model, **OPTION_SETS[name])
         for rate in rates:
             with tempfile.TemporaryDirectory(prefix="evit-acc-") as tmp:
-                ref = top1(predictor(model, "torch", "fp32", rate, Path(tmp)), x)
+                graph = functools.cache(functools.partial(export_onnx, model, Path(tmp) / "graph.onnx", keep_rate=rate))
+                ref = top1(predictor(model, "torch", "fp32", rate, graph), x)
                 for combo in combos:
                     backend, _, precision = combo.partition(":")
                     pred = ref if combo == "torch:fp32" else top1(predictor(model, backend, precision, rate,
-                                                                            Path(tmp)), x)
+                                                                            graph), x)
                     rows.append({
                         "options": name, "keep_rate": rate, "backend": backend, "precision": precision,
                         "top1": round(100 * (pred == y).float().mean().item(), 2),
