@@ -83,7 +83,7 @@ class ParseKwargs(argparse.Action):
 
 def add_data_args(parser: argparse.ArgumentParser, batch_size: int, workers: int = 2) -> None:
     """The data and runtime flags of timm's validate.py: DIR (positional or --data-dir; --images is an alias),
-    -b/--batch-size, -j/--workers, --device, --amp, --amp-dtype."""
+    -b/--batch-size, -j/--workers and ``add_runtime_args``'s."""
     parser.add_argument("data", nargs="?", metavar="DIR", type=Path,
                         help="ImageFolder layout or a folder with labels.tsv (or --data-dir)")
     parser.add_argument("--data-dir", "--images", dest="data_dir", type=Path, metavar="DIR",
@@ -91,6 +91,11 @@ def add_data_args(parser: argparse.ArgumentParser, batch_size: int, workers: int
     parser.add_argument("-b", "--batch-size", type=int, default=batch_size, help="images per batch")
     parser.add_argument("-j", "--workers", type=int, default=workers,
                         help="data loader worker processes decoding images (0: in the main process)")
+    add_runtime_args(parser)
+
+
+def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    """Where and how the forward passes run: --device, --amp, --amp-dtype (``device()``, ``autocast()``)."""
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
     parser.add_argument("--amp", action="store_true", help="mixed precision (torch.autocast) for the forward passes")
     parser.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"),

@@ -194,9 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fuse", action="store_true", help="drop inattentive tokens instead of fusing them")
     p.add_argument("--response", type=Path, help="draw the stages from a saved service answer (return_tokens=true)")
     p.add_argument("--panel-size", type=int, default=224, help="approximate side of each panel in pixels")
-    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, ...")
-    p.add_argument("--amp", action="store_true", help="mixed precision (torch.autocast)")
-    p.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"), help="the autocast dtype")
+    cli.add_runtime_args(p)
     cli.add_output_arg(p, Path("runs/viz/viz.png"), "PNG to write (and a .json beside it)")
     return p
 
