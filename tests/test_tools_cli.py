@@ -1,4 +1,4 @@
-"""The tools' timm-style flags: --model-kwargs key=value, DIR / --data-dir, --output, -b/-j, --device, --amp."""
+"""The tools' timm-style flags: --model-kwargs key=value, DIR / --data-dir, --output, -b/-j, --device, --precision."""
 
 import argparse
 import json
@@ -49,9 +49,24 @@ def test_device_checked(monkeypatch):
         cli.device("warp-drive")
 
 
-def test_amp_bfloat16_on_cpu(tmp_path):
+def test_precision_flag_and_its_deprecated_amp_alias():
+    """--precision resolves with evit.precision (fp16 on a CPU refused); --amp [--amp-dtype] maps onto it."""
+    parser = argparse.ArgumentParser()
+    cli.add_runtime_args(parser)
+    cpu = torch.device("cpu")
+    assert cli.precision(parser.parse_args([]), cpu) == torch.float32
+    assert cli.precision(parser.parse_args(["--precision", "bf16"]), cpu) == torch.bfloat16
+    with pytest.warns(DeprecationWarning, match="--precision"):
+        assert cli.precision(parser.parse_args(["--amp", "--amp-dtype", "bfloat16"]), cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match=r"--precision: .*fp16"):
+        cli.precision(parser.parse_args(["--precision", "fp16"]), cpu)
+    with cli.autocast(cpu, torch.float32):
+        assert torch.nn.Linear(4, 2)(torch.ones(1, 4)).dtype == torch.float32
+
+
+def test_precision_bf16_on_cpu(tmp_path):
     """Under autocast the forward runs in bfloat16 (logits dtype), and the rigged head's ranking survives it."""
-    with cli.autocast(torch.device("cpu"), True, "bfloat16"):
+    with cli.autocast(torch.device("cpu"), torch.bfloat16):
         assert torch.nn.Linear(4, 2)(torch.ones(1, 4)).dtype == torch.bfloat16
     paths = write_images(tmp_path / "data", 8)
     labels = [3] * 4 + [5] * 2 + [9] * 2  # first, second and last choice of the rigged head
@@ -59,8 +74,8 @@ def test_amp_bfloat16_on_cpu(tmp_path):
     (tmp_path / "data" / "labels.tsv").write_text("\n".join(rows) + "\n")
     assert HEAD_BIAS[3] == max(HEAD_BIAS)
     res = run_eval(tmp_path, tiny_checkpoint(tmp_path, rigged=True), tmp_path / "data", "--keep-rates", "0.5",
-                   "--amp", "--amp-dtype", "bfloat16", "-j", "0")
-    assert res["amp"] == "bfloat16" and res["device"] == "cpu" and res["workers"] == 0
+                   "--precision", "bf16", "-j", "0")
+    assert res["precision"] == "bf16" and res["device"] == "cpu" and res["workers"] == 0
     assert (res["rows"][0]["top1"], res["rows"][0]["top5"]) == (0.5, 0.75)
 
 

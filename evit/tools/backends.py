@@ -24,7 +24,7 @@ from torch import nn
 import evit
 from evit.backends import load_graph
 from evit.export import export_onnx
-from evit.precision import precision_name, resolve_precision
+from evit.precision import cast_model, precision_name, resolve_precision
 from evit.tools.data import load_labels
 
 OPTION_SETS = {"paper": {}, "accurate": dict(evit.ACCURATE)}
@@ -46,7 +46,7 @@ def predictor(model: nn.Module, backend: str, precision: str, rate: float, graph
     dtype = resolve_precision(precision, "cpu")
     precision = precision_name(dtype)
     if backend == "torch":
-        cast = copy.deepcopy(model).to(dtype)
+        cast = cast_model(copy.deepcopy(model), dtype)
         return lambda x: cast(x.to(dtype), keep_rate=rate).argmax(-1)
     run = load_graph(graph(), backend, precision)
     return lambda x: torch.from_numpy(run(x.numpy())).argmax(-1)

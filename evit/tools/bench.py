@@ -26,7 +26,7 @@ import torch
 
 import evit
 from evit.backends import BACKENDS
-from evit.precision import PRECISIONS, precision_name, resolve_precision
+from evit.precision import cast_model, precision_name, resolve_precision
 from evit.tools import cli
 
 
@@ -58,7 +58,8 @@ def _configs(args: argparse.Namespace, model: torch.nn.Module, plain: torch.nn.M
     """Name -> one timed call: eager fp32 timm ("timm"), the backend's full model and each keep rate."""
     configs: dict[str, Callable[[], object]] = {"timm": lambda: plain(x)}
     if args.backend == "torch":
-        fast, fast_plain, xd = copy.deepcopy(model).to(dtype), copy.deepcopy(plain).to(dtype), x.to(dtype)
+        fast, fast_plain = cast_model(copy.deepcopy(model), dtype), cast_model(copy.deepcopy(plain), dtype)
+        xd = x.to(dtype)
         configs["full"] = lambda: fast_plain(xd)
         for r in args.keep_rates:
             configs[f"{r}"] = lambda r=r: fast(xd, keep_rate=r)
@@ -177,8 +178,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backend", choices=BACKENDS, default="torch",
                    help="eager PyTorch, or exported graphs compiled by ONNX Runtime / OpenVINO")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="auto: fp16 on CUDA, bf16 on a CPU with native bf16, else fp32")
+    cli.add_precision_arg(p, "the torch backend's models are cast to it, a compiled backend compiles the graph in it")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",

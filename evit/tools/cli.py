@@ -7,12 +7,14 @@ import ast
 import contextlib
 import inspect
 import json
+import warnings
 from pathlib import Path
 
 import torch
 
 from evit.config import FUSE_INTO, FUSE_WEIGHTS, RANKINGS, check_keep_rate
 from evit.patch import apply_patch
+from evit.precision import PRECISIONS, resolve_precision
 from evit.schedule import ACCURATE, PRESETS
 
 # create_model's training-free options and their defaults (the paper's rule), as apply_patch declares them
@@ -94,12 +96,36 @@ def add_data_args(parser: argparse.ArgumentParser, batch_size: int, workers: int
     add_runtime_args(parser)
 
 
+_AMP_DTYPES = {"float16": "fp16", "bfloat16": "bf16"}  # the deprecated --amp-dtype -> --precision
+
+
+def add_precision_arg(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """``--precision auto|fp32|bf16|fp16`` (default fp32), resolved with ``evit.precision.resolve_precision``."""
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                        help=f"{help_text}; auto: fp16 on CUDA, bf16 on a CPU with native bf16, else fp32")
+
+
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
-    """Where and how the forward passes run: --device, --amp, --amp-dtype (``device()``, ``autocast()``)."""
+    """Where and how the forward passes run: --device and --precision (``device()``, ``precision()``,
+    ``autocast()``); timm's --amp / --amp-dtype are hidden, deprecated aliases of --precision."""
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
-    parser.add_argument("--amp", action="store_true", help="mixed precision (torch.autocast) for the forward passes")
-    parser.add_argument("--amp-dtype", default="float16", choices=("float16", "bfloat16"),
-                        help="the autocast dtype with --amp")
+    add_precision_arg(parser, "the forward passes run under torch.autocast in bf16 or fp16")
+    parser.add_argument("--amp", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--amp-dtype", choices=tuple(_AMP_DTYPES), help=argparse.SUPPRESS)
+
+
+
+def precision(args: argparse.Namespace, dev: torch.device) -> torch.dtype:
+    """``--precision`` resolved for ``dev`` (ValueError for fp16 on a CPU); the deprecated
+    ``--amp [--amp-dtype float16|bfloat16]`` (with --precision left at fp32) maps onto fp16 / bf16."""
+    name = args.precision
+    if name == "fp32" and getattr(args, "amp", False):
+        warnings.warn("--amp/--amp-dtype are deprecated: use --precision fp16|bf16", DeprecationWarning, stacklevel=2)
+        name = _AMP_DTYPES[args.amp_dtype or "float16"]
+    try:
+        return resolve_precision(name, dev)
+    except ValueError as exc:
+        raise ValueError(f"--precision: {exc}") from None
 
 
 def add_output_arg(parser: argparse.ArgumentParser, default: Path, help_text: str) -> None:
@@ -127,14 +153,11 @@ def device(text: str) -> torch.device:
     return dev
 
 
-def autocast(dev: torch.device, amp: bool, amp_dtype: str = "float16") -> contextlib.AbstractContextManager:
-    """The forward passes' precision: torch.autocast with ``--amp`` (``--amp-dtype``), else full precision.
-
-    The seam for the backends' precision flag (evit/precision.py), which may replace these two flags.
-    """
-    if not amp:
+def autocast(dev: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """The forward passes' precision (``precision()``): torch.autocast in ``dtype``, or nothing for fp32."""
+    if dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=dev.type, dtype=getattr(torch, amp_dtype))
+    return torch.autocast(device_type=dev.type, dtype=dtype)
 
 
 def add_option_args(parser: argparse.ArgumentParser) -> None:

@@ -203,7 +203,8 @@ def _setup(args: argparse.Namespace) -> tuple[list[tuple[Path, int]], nn.Module,
                               **args.model_kwargs).eval().to(dev)
     cached = cached_images(items, model, args.cache, args.workers) if args.cache else None
     loader = None if args.cache else create_image_loader(items, model, args.batch_size, args.workers, dev)
-    precision = lambda: cli.autocast(dev, args.amp, args.amp_dtype)  # noqa: E731
+    dtype = cli.precision(args, dev)
+    precision = lambda: cli.autocast(dev, dtype)  # noqa: E731
     return items, model, Source(loader, cached, args.batch_size, dev, precision)
 
 

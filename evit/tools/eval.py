@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 import evit
+from evit.precision import precision_name
 from evit.tools import cli
 from evit.tools.data import IMAGE_SUFFIXES, batches, create_image_loader, load_labels
 
@@ -197,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         items, models, dev = _setup(args)
+        dtype = cli.precision(args, dev)
     except (ValueError, OSError, evit.WeightsError) as exc:
         print(f"evit-eval: {exc}", file=sys.stderr)
         return 2
@@ -208,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     with tqdm(total=len(items), unit="img", desc="decode+eval", disable=True if args.quiet else None) as bar:
         rows = evaluate(models, batches(loader, dev), args.keep_rates,
-                        lambda: cli.autocast(dev, args.amp, args.amp_dtype), bar.update)
+                        lambda: cli.autocast(dev, dtype), bar.update)
     folder = cli.data_dir(args)
     results = {
         "tool": "evit-eval",
@@ -221,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "workers": args.workers,
         "device": str(dev),
-        "amp": args.amp_dtype if args.amp else None,
+        "precision": precision_name(dtype),
         "torch_threads": torch.get_num_threads(),
         "seconds": time.perf_counter() - t0,
         "rows": rows,

@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
             viz, keep_rate = from_response(answer, model_input(model, image)[1]), answer.get("keep_rate")
         else:
             dev = cli.device(args.device)
-            with cli.autocast(dev, args.amp, args.amp_dtype):
+            with cli.autocast(dev, cli.precision(args, dev)):
                 viz, keep_rate = visualize(model.to(dev), image, args.keep_rate), args.keep_rate
     except (ValueError, OSError, KeyError, evit.WeightsError) as exc:
         print(f"evit-viz: {exc}", file=sys.stderr)

@@ -10,7 +10,7 @@ from torch import nn
 
 import evit
 from evit import Cost
-from evit.precision import precision_name
+from evit.precision import cast_model, precision_name
 from service.runners.base import RunnerOutput, kept_indices, model_info
 
 
@@ -19,7 +19,7 @@ class TorchRunner:
 
     def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype = torch.float32,
                  name: str = "") -> None:
-        self.model = model.to(device=device, dtype=dtype).eval()
+        self.model = cast_model(model.to(device), dtype).eval()
         self.device = device
         self.dtype = dtype
         self._data_config = evit.data_config(model)
