@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from evit.blocks import Packed, group_views, run_block
-from evit.patch import EViTMixin, _pruning_blocks, resolve_keep_rates
+from evit.patch import EViTMixin, resolve_keep_rates
 from evit.reorganize import Side, plan_groups
 
 __all__ = ["OPSET", "FixedRate", "export_onnx"]
@@ -32,13 +32,9 @@ class FixedRate(nn.Module):
         resolve_keep_rates(keep_rate, 1, 1.0)
         self.model = model
         self.keep_rate = float(keep_rate)
-        cfg, P = model.evit_cfg, model.num_prefix_tokens
         self._plan = model.block_rates(self.keep_rate)  # keep rate per block
-        pruned = _pruning_blocks(model.num_patches, P, self._plan, cfg.fusion)
-        self._plain = not pruned  # nothing is pruned (keep 1.0): timm's own forward, timm's own graph
-        if cfg.ranking == "cumulative" and pruned:
-            pruned = set(range(max(pruned) + 1))
-        self._need_cls = pruned
+        self._need_cls = model.class_row_blocks(self._plan)
+        self._plain = not self._need_cls  # nothing is pruned (keep 1.0): timm's own forward, timm's own graph
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # B, 3, H, W -> B, classes
         m, r = self.model, self.keep_rate

@@ -138,10 +138,7 @@ class EViTMixin:
         perm = None if len(uniq) == 1 else torch.argsort(rate_t, stable=True).to(x.device)
         spec = CostSpec.from_model(self)  # read once per forward, not once per keep rate
         plan = {r: self.block_rates(r, spec) for r in uniq_rates}  # requested rate -> keep rate per block
-        # blocks where each sample needs the class row: where it prunes (cumulative ranking: up to the last)
-        pruned = {r: _pruning_blocks(self.num_patches, P, plan[r], cfg.fusion) for r in uniq_rates}
-        if cfg.ranking == "cumulative":
-            pruned = {r: set(range(max(b) + 1)) if b else b for r, b in pruned.items()}
+        pruned = {r: self.class_row_blocks(plan[r]) for r in uniq_rates}
 
         x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))  # B, N, C
         if perm is not None:
@@ -171,6 +168,13 @@ class EViTMixin:
         resolve_keep_rates(rate, 1, 1.0)
         spec = spec or CostSpec.from_model(self)
         return block_rates(spec, cfg.prune_blocks, cfg.schedule, cfg.fusion, cfg.ranking == "cumulative", rate)
+
+    def class_row_blocks(self, rates: tuple[float, ...]) -> set[int]:
+        """The blocks where a sample with these per-block keep rates (``block_rates``) needs the class token's
+        attention row: where it prunes (cumulative ranking: every block up to the last that prunes)."""
+        cfg = self.evit_cfg
+        pruned = _pruning_blocks(self.num_patches, self.num_prefix_tokens, rates, cfg.fusion)
+        return set(range(max(pruned) + 1)) if cfg.ranking == "cumulative" and pruned else pruned
 
     def stage_rates(self, keep_rate: float | None = None) -> tuple[float, ...]:
         """What each pruning block (``evit_cfg.prune_blocks``) keeps for a requested keep rate."""
