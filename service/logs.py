@@ -98,3 +98,23 @@ class RequestLogMiddleware:
                 "duration_ms": round(seconds * 1000, 3), "client": client[0] if client else None,
                 **state.get("log", {}),
             })
+
+
+class SampledLog:
+    """Counts events by kind and logs at most one line per ``interval_s`` (with the counts so far as fields),
+    so a flood of them (refused connections, shed requests) costs no log volume."""
+
+    def __init__(self, logger: logging.Logger, level: int, kinds: tuple[str, ...] = (),
+                 interval_s: float = 1.0) -> None:
+        self.logger, self.level, self.interval_s = logger, level, interval_s
+        self.counts: dict[str, int] = dict.fromkeys(kinds, 0)
+        self._last = -interval_s
+
+    def note(self, kind: str, message: str, *args: object, **fields: object) -> None:
+        """Count one ``kind``; log ``message % args`` with ``fields`` and the counts unless a line went out
+        less than ``interval_s`` ago."""
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        now = time.monotonic()
+        if now - self._last >= self.interval_s:
+            self._last = now
+            self.logger.log(self.level, message, *args, extra={**fields, **self.counts})

@@ -18,13 +18,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.edge import V2_INFER, query_param
 from service.errors import error_body
 from service.exceptions import Overloaded
+from service.logs import SampledLog
 from service.modelqueue import ModelQueue
 from service.runtime import Service
 
@@ -36,8 +36,7 @@ class Shedder:
         self.app = app
         self.service = service
         self.delay_s = service.settings.shed_delay_ms / 1e3
-        self.shed = 0
-        self._last_log = 0.0
+        self.log = SampledLog(log, logging.INFO, ("shed",))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         refusal = self._refusal(scope) if scope["type"] == "http" and scope["method"] == "POST" else None
@@ -55,7 +54,7 @@ class Shedder:
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
             (b"retry-after", retry.encode())]})
         await send({"type": "http.response.body", "body": body})
-        self._note(scope["path"], error)
+        self.log.note("shed", "shed %s %s (503)", scope["path"], error, error=error, path=scope["path"])
 
     def _refusal(self, scope: Scope) -> tuple[str, str, str, tuple[str, float | None] | None] | None:
         """(error, message, Retry-After, metric labels) when the request would be refused before its body
@@ -80,13 +79,6 @@ class Shedder:
         except Overloaded as e:
             return "overloaded", e.message, str(e.retry_after_s), labels
         return None
-
-    def _note(self, path: str, error: str) -> None:
-        self.shed += 1
-        now = time.monotonic()
-        if now - self._last_log >= 1.0:
-            self._last_log = now
-            log.info("shed %s %s (503)", path, error, extra={"shed": self.shed, "error": error, "path": path})
 
 
 def _rate(scope: Scope, q: ModelQueue) -> float | None:

@@ -26,11 +26,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from service.logs import SampledLog
 
 log = logging.getLogger("service.transport")
 
@@ -60,17 +61,17 @@ class Guard:
     open: int = 0
     waiting: dict[GuardedHttp, None] = field(default_factory=dict)  # waiting for headers, oldest first
     draining: bool = False
-    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(
-        ("refused", "evicted", "header_timeout", "headers_too_large", "lingered", "discarded"), 0))
-    _last_log: float = 0.0
+    refusals: SampledLog = field(default_factory=lambda: SampledLog(log, logging.WARNING, (
+        "refused", "evicted", "header_timeout", "headers_too_large", "lingered", "discarded")))
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Refusals so far, by kind."""
+        return self.refusals.counts
 
     def note(self, what: str) -> None:
         """Count a refusal; log at most one line a second (with the counts), so floods cost no log volume."""
-        self.counts[what] += 1
-        now = time.monotonic()
-        if now - self._last_log >= 1.0:
-            self._last_log = now
-            log.warning("connection guard: %s", what, extra={"open_connections": self.open, **self.counts})
+        self.refusals.note(what, "connection guard: %s", what, open_connections=self.open)
 
     def evict_oldest_waiting(self) -> bool:
         if not self.waiting:

@@ -53,3 +53,22 @@ async def test_upload_budget_refuses_bodies_that_do_not_fit(serve, tiny_settings
     async with serve(tiny_settings(upload_budget_bytes=len(body))) as (app, client):
         r = await client.post("/classify", content=body, headers={"content-type": "image/jpeg"})
         assert r.status_code == 200 and app.state.uploads.used == 0
+
+
+def test_sampled_log_counts_every_event_and_logs_one_line_per_interval(caplog) -> None:
+    """The shedder's and the connection guard's log: a flood is counted in full but logged once per interval."""
+    from service.logs import SampledLog
+
+    sampled = SampledLog(logging.getLogger("test.sampled"), logging.WARNING, ("refused",), interval_s=3600)
+    with caplog.at_level(logging.WARNING, logger="test.sampled"):
+        for _ in range(50):
+            sampled.note("refused", "guard: %s", "refused", open_connections=3)
+        sampled.note("evicted", "guard: %s", "evicted")
+    assert sampled.counts == {"refused": 50, "evicted": 1}
+    (record,) = caplog.records
+    assert record.getMessage() == "guard: refused" and record.refused == 1 and record.open_connections == 3
+    every = SampledLog(logging.getLogger("test.sampled"), logging.WARNING, interval_s=0)
+    with caplog.at_level(logging.WARNING, logger="test.sampled"):
+        for _ in range(3):
+            every.note("shed", "shed")
+    assert [r.shed for r in caplog.records[1:]] == [1, 2, 3]
