@@ -23,10 +23,10 @@ from service import v2
 from service.auth import protect
 from service.edge import ServiceDep, call_of, count_request
 from service.errors import ApiError, install_error_handlers
+from service.job import PRIORITIES, Ask
 from service.logs import RequestLogMiddleware
 from service.registry import Registry
 from service.runtime import Answer, Service
-from service.scheduler import PRIORITIES, Ask
 from service.schemas import (
     ClassifyResponse,
     Health,

@@ -36,11 +36,11 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from service.exceptions import DeadlineUnreachable
-from service.job import PRIORITIES, Ask, Job, Priority
+from service.job import Job
 from service.latency import LatencyModel, OfferedLoad
 from service.policy import plan_passes
 
-__all__ = ["PRIORITIES", "Ask", "Job", "Priority", "Scheduler", "Unreachable", "insert_at", "rate_grid", "refusal"]
+__all__ = ["Scheduler", "Unreachable", "insert_at", "rate_grid", "refusal"]
 
 UTILIZATION = 0.9  # auto keeps the device at most this busy with the recent arrivals
 WAIT_SHARE = 0.5  # a job waits for a fuller batch at most this share of its slack

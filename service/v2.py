@@ -24,9 +24,9 @@ from fastapi.responses import JSONResponse, Response
 
 from service.edge import ServiceDep, call_of
 from service.errors import ApiError
+from service.job import PRIORITIES, Ask
 from service.registry import HostedModel
 from service.runtime import Answer, Service
-from service.scheduler import PRIORITIES, Ask
 from service.schemas import (
     TritonDynamicBatching,
     TritonInstanceGroup,

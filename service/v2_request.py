@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from evit.config import check_keep_rate
 from service.errors import ApiError
-from service.scheduler import PRIORITIES, Ask
+from service.job import PRIORITIES, Ask
 from service.schemas import V2InferRequest
 
 HEADER_LENGTH = "inference-header-content-length"  # the binary extension's JSON header length

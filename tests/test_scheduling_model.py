@@ -8,9 +8,10 @@ import random
 import pytest
 
 from service.errors import api_error
+from service.job import PRIORITIES, Job
 from service.latency import LatencyModel, OfferedLoad
 from service.policy import PassCost
-from service.scheduler import PRIORITIES, Job, Scheduler, Unreachable, insert_at, rate_grid, refusal
+from service.scheduler import Scheduler, Unreachable, insert_at, rate_grid, refusal
 
 HIGH, NORMAL, LOW = (PRIORITIES.index(p) for p in ("high", "normal", "low"))
 

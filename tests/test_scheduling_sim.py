@@ -21,11 +21,11 @@ from _virtual import SimDevice, SimModel, VirtualLoop
 import service.batcher
 from service.batcher import Batcher
 from service.exceptions import DeadlineUnreachable
+from service.job import PRIORITIES, Job
 from service.latency import LatencyModel
 from service.metrics import Metrics
 from service.policy import PassCost
 from service.registry import Registry
-from service.scheduler import PRIORITIES, Job
 from service.settings import Settings
 
 BATCH = 8

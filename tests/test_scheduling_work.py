@@ -12,9 +12,10 @@ from collections import deque
 from types import SimpleNamespace
 
 from service.batcher import Batcher
+from service.job import Job
 from service.latency import LatencyModel, OfferedLoad
 from service.modelqueue import QueuePlan
-from service.scheduler import Job, ListOrder, Scheduler
+from service.scheduler import ListOrder, Scheduler
 
 BATCH = 16
 QUEUED = 1024
