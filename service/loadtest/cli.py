@@ -174,16 +174,7 @@ def write_outputs(args: argparse.Namespace, mix: KeepRateMix, images: list, step
     histograms = report.split_state(steps, args.slo_ms / 1e3 if args.slo_ms else None)
     results = {"tool": "evit-loadtest", "url": args.url, "latency_unit": "milliseconds", "config": config,
                **steps[-1], "steps": steps}
-    out = args.output
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [
-        report.write_json(results, out),
-        report.write_csv(results, out),
-        report.write_series(results, out),
-        report.write_histograms({"url": args.url, **config}, histograms, out),
-        report.write_png(results, out),
-    ]
-    return paths, results
+    return report.write_all(results, {"url": args.url, **config}, histograms, args.output), results
 
 
 if __name__ == "__main__":

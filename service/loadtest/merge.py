@@ -95,11 +95,8 @@ def main(argv: list[str]) -> int:
     histograms = report.split_state(steps, runs[0]["steps"][0]["slo"])
     results = {"tool": "evit-loadtest report", "latency_unit": "milliseconds",
                "runs": [str(p) for p in args.runs], **steps[-1], "steps": steps}
-    args.output.mkdir(parents=True, exist_ok=True)
     config = {"merged_runs": [str(p) for p in args.runs], "configs": [r["config"] for r in runs]}
-    paths = [report.write_json(results, args.output), report.write_csv(results, args.output),
-             report.write_series(results, args.output), report.write_histograms(config, histograms, args.output),
-             report.write_png(results, args.output)]
+    paths = report.write_all(results, config, histograms, args.output)
     if not args.quiet:
         print(report.format_table(results))
         print("wrote " + ", ".join(str(p) for p in paths), file=sys.stderr)

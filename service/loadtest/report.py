@@ -96,6 +96,14 @@ def write_histograms(config: dict, states: list[dict], out: Path) -> Path:
     return path
 
 
+def write_all(results: dict, config: dict, histograms: list[dict], out: Path) -> list[Path]:
+    """Every report file in ``out`` (created): results.json, results.csv, timeseries.csv, histograms.json
+    (with ``config``) and latency.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    return [write_json(results, out), write_csv(results, out), write_series(results, out),
+            write_histograms(config, histograms, out), write_png(results, out)]
+
+
 def write_png(results: dict, out: Path) -> Path:
     """Latency percentiles per keep rate (last step) and, for a sweep, the throughput-latency curve."""
     import matplotlib

@@ -15,20 +15,18 @@ from service.loadtest.histogram import LogHistogram
 PERCENTILES = (50, 90, 95, 99, 99.9)
 
 
-def latency_key(p: float) -> str:
-    """The report's name for a percentile: ``99.9 -> "p99_9_ms"``."""
-    return f"p{p:g}_ms".replace(".", "_")
+def _ms_key(name: str) -> str:
+    """The report's name for a ``LogHistogram.summary`` key: ``"p99.9" -> "p99_9_ms"``, ``"max" -> "max_ms"``."""
+    return f"{name}_ms".replace(".", "_")
 
 
-LATENCY_KEYS = (*(latency_key(p) for p in PERCENTILES), "max_ms")
+LATENCY_KEYS = (*(_ms_key(f"p{p:g}") for p in PERCENTILES), "max_ms")
 
 
 def summary_ms(h: LogHistogram, percentiles: tuple[float, ...] = PERCENTILES) -> dict[str, float | None]:
-    """``{"p50_ms": ..., "p99_9_ms": ..., "max_ms": ..., "mean_ms": ...}`` (None when empty)."""
-    out = {latency_key(p): _ms(h.percentile(p)) for p in percentiles}
-    out["max_ms"] = _ms(h.max if h.count else None)
-    out["mean_ms"] = _ms(h.mean)
-    return out
+    """``LogHistogram.summary`` of latencies in seconds, reported in milliseconds:
+    ``{"p50_ms": ..., "p99_9_ms": ..., "max_ms": ..., "mean_ms": ...}`` (None when empty)."""
+    return {_ms_key(k): _ms(v) for k, v in h.summary(percentiles).items()}
 
 
 def _ms(seconds: float | None) -> float | None:
