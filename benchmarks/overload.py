@@ -31,7 +31,8 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.servers import _post, saturate, start_server, stop_server, wait_ready
+from benchmarks.servers import _post, probe_health, saturate, start_server, stop_server, wait_ready
+from benchmarks.service import percentile
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"  # as tests/conftest.py: ../shared/assets
 if not ASSETS.exists():
@@ -99,15 +100,6 @@ async def flood(url: str, images: list[bytes], clients: int, seconds: float) -> 
     return codes, time.perf_counter() - start
 
 
-def probe_health(url: str, out: list[float], done: threading.Event) -> None:
-    with httpx.Client(base_url=url, timeout=10, trust_env=False) as c:
-        while not done.is_set():
-            t = time.perf_counter()
-            c.get("/healthz")
-            out.append(time.perf_counter() - t)
-            time.sleep(0.05)
-
-
 def counted(url: str) -> Counter:
     """``evit_requests_total`` by status code, from the server's /metrics."""
     out: Counter = Counter()
@@ -116,11 +108,6 @@ def counted(url: str) -> Counter:
             if s.name == "evit_requests_total":
                 out[int(s.labels["code"])] += int(s.value)
     return out
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -170,7 +157,7 @@ def combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     health = [h for r in rounds for h in r["health"]]
     return {"offered_x": sum(r["offered"] for r in rounds) / len(rounds),
             "ratio": sum(r["ratio"] for r in rounds) / len(rounds), "ratios": [r["ratio"] for r in rounds],
-            "healthz_p50_ms": pct(health, 0.5) * 1e3, "healthz_p99_ms": pct(health, 0.99) * 1e3,
+            "healthz_p50_ms": percentile(health, 50) * 1e3, "healthz_p99_ms": percentile(health, 99) * 1e3,
             "codes": dict(sum((r["codes"] for r in rounds), Counter())),
             "counters_match": all(r["match"] for r in rounds)}
 

@@ -110,21 +110,23 @@ async def _load(url: str, images: list[bytes], clients: int, seconds: float, rat
     return {"throughput": sum(map(len, latencies.values())) / elapsed, "codes": codes, "latencies": latencies}
 
 
+def probe_health(url: str, out: list[float], done: threading.Event, start_after_s: float = 0.0) -> None:
+    """Time ``GET /healthz`` every 50 ms into ``out`` (seconds), after ``start_after_s``, until ``done`` is set."""
+    with httpx.Client(base_url=url, timeout=10, trust_env=False) as c:
+        time.sleep(start_after_s)
+        while not done.is_set():
+            t = time.perf_counter()
+            c.get("/healthz")
+            out.append(time.perf_counter() - t)
+            time.sleep(0.05)
+
+
 def saturate(url: str, images: list[bytes], clients: int, seconds: float, rates: list[float],
              health: list[float] | None = None) -> dict:
     """Load ``url``; with ``health``, also time ``/healthz`` every 50 ms from another thread meanwhile."""
     done = threading.Event()
-
-    def probe(health: list[float]) -> None:
-        with httpx.Client(base_url=url, timeout=10) as c:
-            time.sleep(min(1.0, seconds / 4))  # let the load build up first
-            while not done.is_set():
-                t = time.perf_counter()
-                c.get("/healthz")
-                health.append(time.perf_counter() - t)
-                time.sleep(0.05)
-
-    prober = threading.Thread(target=probe, args=(health,), daemon=True) if health is not None else None
+    prober = None if health is None else threading.Thread(  # the load builds up for a moment first
+        target=probe_health, args=(url, health, done, min(1.0, seconds / 4)), daemon=True)
     if prober:
         prober.start()
     result = asyncio.run(_load(url, images, clients, seconds, rates))
