@@ -3,7 +3,11 @@
 import itertools
 import json
 import math
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -265,3 +269,12 @@ def test_cli_needs_exactly_one_load_shape():
         parser.parse_args(["--rate", "5", "--concurrency", "2"])
     args = parser.parse_args(["--sweep", "20,5,10"])
     assert args.sweep == [5.0, 10.0, 20.0]
+
+
+def test_load_tester_imports_no_torch():
+    """The load tester checks keep rates with evit.config's rule, yet its clients never import torch."""
+    code = "import sys, service.loadtest.cli, service.loadtest.runner; print('torch' in sys.modules)"
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.stdout.strip() == "False"

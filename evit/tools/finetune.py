@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
 import evit
+from evit.config import check_keep_rate
 from evit.tools.augment import train_transform
 from evit.tools.cli import add_model_args, add_option_args, blocks, options
 from evit.tools.distributed import Dist, amp_dtype
@@ -263,10 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.aa in ("", "none"):
         args.aa = None
-    if not 0.0 < args.keep_rate <= 1.0:
-        print(f"evit-finetune: --keep-rate must be in (0, 1], got {args.keep_rate}", file=sys.stderr)
-        return 2
     try:
+        check_keep_rate(args.keep_rate, "--keep-rate")
         train(args)
     except (ValueError, OSError, evit.WeightsError) as exc:
         print(f"evit-finetune: {exc}", file=sys.stderr)

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from evit.config import check_keep_rate
+
 # Keep-rate words passed to the server as they are, besides numbers in (0, 1].
 SPECIAL_RATES = ("auto",)
 # `default` sends no keep_rate at all: the server uses the model's default.
@@ -88,9 +90,7 @@ def _parse_rate(text: str) -> str:
         raise ValueError(
             f"keep rate {text!r} is not a number in (0, 1] nor one of {(*SPECIAL_RATES, DEFAULT_RATE)}"
         ) from None
-    if not (0.0 < rate <= 1.0):
-        raise ValueError(f"keep rate {text} is outside (0, 1]")
-    return rate_key(rate)
+    return rate_key(check_keep_rate(rate, "keep rate"))
 
 
 @dataclass(frozen=True)
