@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from _hostile import encode, noise
+from _isolated import pytest_configure, pytest_pyfunc_call  # noqa: F401 (hooks: @pytest.mark.isolated)
 
 # the real assets (../shared/assets, see its README); tests that need them skip when they are absent
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"

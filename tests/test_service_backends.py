@@ -1,4 +1,7 @@
-"""Compiled backends in the service: buckets, the graph cache, per-rate passes, numerics, a missing package."""
+"""Compiled backends in the service: buckets, the graph cache, per-rate passes, numerics, a missing package.
+
+The tests that open OpenVINO / ONNX Runtime sessions are ``isolated`` (tests/_isolated.py): they run in one
+child pytest, so those runtimes' native threads never live in the main test process."""
 
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ def runner(backend: str, tmp_path, precision: str = "fp32", **options) -> Compil
     return build_runner(model, torch.device("cpu"), backend, precision, "tiny", BUCKETS, tmp_path)
 
 
+@pytest.mark.isolated  # an OpenVINO / ONNX Runtime session: in a child process
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("options", [{}, evit.ACCURATE], ids=["paper", "accurate"])
 def test_mixed_rates_split_per_rate_equal_eager_and_solo(backend: str, options: dict, tmp_path) -> None:
@@ -45,6 +49,7 @@ def test_mixed_rates_split_per_rate_equal_eager_and_solo(backend: str, options: 
     assert (kept.logits - eager[[4, 1]]).abs().max() < 1e-4
 
 
+@pytest.mark.isolated  # an OpenVINO / ONNX Runtime session: in a child process
 def test_openvino_bf16_close_to_fp32(tmp_path) -> None:
     if runner_precision("auto", torch.device("cpu")) != "bf16":
         pytest.skip("this CPU has no native bf16")
@@ -57,6 +62,7 @@ def test_openvino_bf16_close_to_fp32(tmp_path) -> None:
     assert r.info.precision == "bf16"
 
 
+@pytest.mark.isolated  # an OpenVINO / ONNX Runtime session: in a child process
 def test_graph_cache_second_start_loads_changed_option_rebuilds(tmp_path, monkeypatch) -> None:
     exported: list[float] = []
     original = CompiledRunner.export
@@ -100,6 +106,7 @@ def test_precision_rules(monkeypatch) -> None:
 
 
 
+@pytest.mark.isolated  # an OpenVINO / ONNX Runtime session: in a child process
 @pytest.mark.anyio
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_service_snaps_to_a_bucket_and_reports_it(backend, serve, tiny_settings, image_bytes, tmp_path):
