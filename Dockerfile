@@ -85,9 +85,13 @@ RUN groupadd --system --gid 10001 evit \
  && mkdir -p /models /cache \
  && chown evit:evit /cache
 COPY --from=builder /opt/venv /opt/venv
+# Passes run as `make serve` runs them (EVIT_BACKEND=auto: OpenVINO fp32 graphs on a CPU, torch on CUDA;
+# docs/backends.md); the compiled graphs are cached under $XDG_CACHE_HOME/evit-serve/graphs, on the /cache
+# volume, so a restart with the same model and options skips the export. EVIT_BACKEND=torch: eager passes.
 ENV PATH=/opt/venv/bin:$PATH \
     EVIT_HOST=0.0.0.0 \
     EVIT_PORT=8000 \
+    EVIT_BACKEND=auto \
     HF_HOME=/cache/huggingface \
     TORCH_HOME=/cache/torch \
     XDG_CACHE_HOME=/cache
@@ -99,7 +103,7 @@ EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('EVIT_PORT', '8000'), timeout=4)"]
 STOPSIGNAL SIGTERM
-# Configure with EVIT_* environment variables (EVIT_MODEL, EVIT_CHECKPOINT, EVIT_DEVICE, ...) or with flags
+# Configure with EVIT_* environment variables (EVIT_MODEL, EVIT_CHECKPOINT, EVIT_DEVICE, EVIT_BACKEND, ...) or with flags
 # after the image name; the default model is the service's own (DeiT-S, hub weights).
 ENTRYPOINT ["evit-serve"]
 CMD []

@@ -9,7 +9,9 @@ skips its test with a message naming it.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -92,6 +94,24 @@ def test_dockerfile_runtime_stage() -> None:
     froms = [s[0] for s in stages]
     assert any(f.endswith("AS base-cpu") for f in froms) and any(f.endswith("AS base-cuda") for f in froms)
     assert "FROM base-${VARIANT} AS base" in froms
+
+
+def test_image_runs_passes_as_make_serve_with_graphs_on_the_cache_volume(monkeypatch) -> None:
+    """The image's default backend is ``make serve``'s, and its compiled-graph cache lies on the /cache volume."""
+    from service.settings import Settings
+
+    final = dockerfile_stages()[-1]
+    env = dict(pair.split("=", 1) for i in final if i.startswith("ENV ") for pair in shlex.split(i[len("ENV "):]))
+    serve = re.search(r"^BACKEND_ARGS \?= --backend (\S+)$", (ROOT / "Makefile").read_text(), re.M)
+    assert serve and env["EVIT_BACKEND"] == serve.group(1) == "auto"
+    (volume,) = json.loads(next(i for i in final if i.startswith("VOLUME "))[len("VOLUME "):])
+    for name in [v for v in os.environ if v.startswith("EVIT_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        if name.startswith(("EVIT_", "XDG_")):
+            monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert settings.backend == "auto" and settings.graph_cache_dir.is_relative_to(volume)
 
 
 def test_dockerignore_sends_only_build_inputs() -> None:
