@@ -8,7 +8,7 @@ from conftest import IMAGES, WEIGHTS
 
 from evit.tools import backends
 
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.slow, pytest.mark.isolated,  # OpenVINO sessions: in a child process (tests/_isolated.py)
               pytest.mark.skipif(not (WEIGHTS.exists() and IMAGES.exists()), reason="../shared/assets absent")]
 
 SETTINGS = [("paper", 1.0), ("paper", 0.7), ("accurate", 0.5)]  # 500 images each: the suite stays short
