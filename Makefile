@@ -49,8 +49,11 @@ audit: $(STAMP)
 
 ## The reliability, fuzz and security checks, then (only if every one passed) their measured figures written to
 ## docs/reliability.json and the figures section of docs/reliability.md. `make test` writes neither.
+## (every test file that records a row: grep -l 'record("' tests/test_*.py, but the soak's)
 RELIABILITY_TESTS ?= tests/test_reliability_corpus.py tests/test_reliability_faults.py tests/test_reliability_live.py \
-	tests/test_reliability_signals.py tests/test_fuzz_api.py tests/test_fuzz_decode.py tests/test_security_auth.py
+	tests/test_reliability_signals.py tests/test_reliability_background.py tests/test_reliability_decode_deadline.py \
+	tests/test_reliability_resize.py tests/test_fuzz_api.py tests/test_fuzz_decode.py tests/test_fuzz_v2.py \
+	tests/test_security_auth.py
 reliability-report: $(STAMP)
 	EVIT_RELIABILITY_REPORT=1 $(PY) -m pytest $(RELIABILITY_TESTS) $(PYTEST_ARGS)
 
