@@ -223,8 +223,9 @@ def test_overload(server, factor: int) -> None:
     # healthy afterwards, memory back near the baseline
     server.wait_ready(timeout=10)
     assert classify_ok(server)
-    time.sleep(1.0)
-    growth = server.rss_mb() - rss_before
+    deadline = time.monotonic() + 10  # freed buffers are returned to the OS within moments, not at once
+    while (growth := server.rss_mb() - rss_before) >= 50 and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert growth < 50, growth
     record(f"overload_{factor}x", {
         "what": f"open loop at {factor}x the measured capacity ({capacity:.1f} req/s, ViT-Ti 224, 1 torch thread) for "
