@@ -161,7 +161,7 @@ def test_slow_bodies_time_out_and_slow_headers_do_not_starve(server) -> None:
         assert httpx.get(server.url + "/healthz", timeout=5).status_code == 200
         assert classify_ok(server)
         served_in = time.monotonic() - start
-        time.sleep(timeout + 0.5)
+        time.sleep(timeout + 0.5)  # the observation point (past the body timeout), not a wait for a condition
         still_open = sum(not closed_by_server(s, 0.01) for s in idle)  # until the header timeout (10 s)
     finally:
         for sock in idle:
