@@ -119,7 +119,7 @@ async def model_ready(model_name: str, svc: ServiceDep) -> JSONResponse:
 
 
 _INFER = dict(response_model=V2InferResponse, response_model_exclude_none=True,
-              responses={**BINARY_ANSWER_DOC, **error_responses(400, 404, 408, 413, 415, 422, 503, 504)})
+              responses={**BINARY_ANSWER_DOC, **error_responses(400, 404, 408, 413, 415, 422, 500, 503, 504)})
 
 
 @router.post("/models/{model_name}/infer", **_INFER)

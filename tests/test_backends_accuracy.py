@@ -16,7 +16,6 @@ SETTINGS = [("paper", 1.0), ("paper", 0.7), ("accurate", 0.5)]  # 500 images eac
 
 @pytest.mark.parametrize(("options", "rate"), SETTINGS)
 def test_openvino_fp32_keeps_top1(real_data, options: str, rate: float) -> None:
-    pytest.importorskip("openvino")
     model, x, y = real_data
     try:
         (row,) = backends.run(model, x, y, ["openvino:fp32"], [rate], [options])

@@ -22,6 +22,8 @@ import pytest
 import yaml
 from conftest import skip_or_fail
 
+from service.settings import Settings
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 K8S = DOCKER / "k8s"
@@ -286,7 +288,6 @@ def test_adapter_configmap_and_kserve_podspec_validate(tmp_path: Path) -> None:
 def test_kserve_serves_the_model_under_the_inferenceservice_name() -> None:
     """Kubernetes' $(VAR) expansion of the container env, with the label KServe sets on predictor pods, gives
     EVIT_MODEL a NAME that is the InferenceService's name; a startup probe covers model loading."""
-    settings = pytest.importorskip("service.settings")
     isvc = yaml.safe_load((K8S / "kserve" / "inferenceservice.yaml").read_text())
     (c,) = isvc["spec"]["predictor"]["containers"]
     labels = {"serving.kserve.io/inferenceservice": isvc["metadata"]["name"]}
@@ -297,7 +298,7 @@ def test_kserve_serves_the_model_under_the_inferenceservice_name() -> None:
             env[e["name"]] = labels[re.fullmatch(r"metadata\.labels\['(.+)'\]", path).group(1)]
         else:
             env[e["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], e["value"])
-    served = settings.Settings(model=env["EVIT_MODEL"], random_weights=True).model_specs()
+    served = Settings(model=env["EVIT_MODEL"], random_weights=True).model_specs()
     assert [s.name for s in served] == [isvc["metadata"]["name"]] and served[0].arch == "vit_tiny_patch16_224"
     startup, liveness = c["startupProbe"], c["livenessProbe"]
     assert startup["httpGet"] == liveness["httpGet"] and startup["periodSeconds"] * startup["failureThreshold"] >= 60

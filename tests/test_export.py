@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 from _tiny import ARCHS, images, tiny_pair
@@ -10,8 +11,6 @@ from conftest import WEIGHTS
 
 import evit
 from evit.export import FixedRate, export_onnx
-
-ort = pytest.importorskip("onnxruntime")
 
 OPTION_SETS = {
     "paper": {},

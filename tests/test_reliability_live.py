@@ -161,7 +161,7 @@ def test_slow_bodies_time_out_and_slow_headers_do_not_starve(server) -> None:
         assert httpx.get(server.url + "/healthz", timeout=5).status_code == 200
         assert classify_ok(server)
         served_in = time.monotonic() - start
-        time.sleep(timeout + 0.5)
+        time.sleep(timeout + 0.5)  # the observation point (past the body timeout), not a wait for a condition
         still_open = sum(not closed_by_server(s, 0.01) for s in idle)  # until the header timeout (10 s)
     finally:
         for sock in idle:
@@ -223,8 +223,9 @@ def test_overload(server, factor: int) -> None:
     # healthy afterwards, memory back near the baseline
     server.wait_ready(timeout=10)
     assert classify_ok(server)
-    time.sleep(1.0)
-    growth = server.rss_mb() - rss_before
+    deadline = time.monotonic() + 10  # freed buffers are returned to the OS within moments, not at once
+    while (growth := server.rss_mb() - rss_before) >= 50 and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert growth < 50, growth
     record(f"overload_{factor}x", {
         "what": f"open loop at {factor}x the measured capacity ({capacity:.1f} req/s, ViT-Ti 224, 1 torch thread) for "

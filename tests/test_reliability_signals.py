@@ -73,7 +73,7 @@ def test_sigkill_under_load_then_restart(box) -> None:
     assert {o.kind for o in failed} <= {"dropped", "refused"}  # clean connection errors, not timeouts or 5xx
     assert kinds["accepted"] >= CLIENTS  # the load was running when the kill came
     slowest = max(o.done_at for o in failed) - killed
-    assert slowest < 3.0  # nobody hung
+    assert slowest < 10.0  # nobody hung (the clients' timeout is 30 s; a connection error comes at once)
 
     start = time.monotonic()
     restarted = fresh(box, server.port)

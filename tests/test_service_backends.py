@@ -21,7 +21,6 @@ BUCKETS = (0.5, 0.7, 1.0)
 
 
 def runner(backend: str, tmp_path, precision: str = "fp32", **options) -> CompiledRunner:
-    pytest.importorskip(backend)
     _, model = tiny_pair("vit")
     evit.apply_patch(model, **options)
     return build_runner(model, torch.device("cpu"), backend, precision, "tiny", BUCKETS, tmp_path)
@@ -110,7 +109,6 @@ def test_precision_rules(monkeypatch) -> None:
 @pytest.mark.anyio
 @pytest.mark.parametrize("backend", BACKENDS)
 async def test_service_snaps_to_a_bucket_and_reports_it(backend, serve, tiny_settings, image_bytes, tmp_path):
-    pytest.importorskip(backend)
     settings = tiny_settings(backend=backend, precision="fp32", keep_rates=BUCKETS, graph_cache_dir=tmp_path)
     async with serve(settings) as (app, client):
         info = (await client.get("/models")).json()["models"][0]

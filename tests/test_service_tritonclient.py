@@ -10,15 +10,14 @@ from collections.abc import Iterator
 import httpx
 import numpy as np
 import pytest
+import tritonclient.http as httpclient
 from _live import thread_server
 from conftest import TINY_MODEL
 from fastapi import FastAPI
+from tritonclient.utils import InferenceServerException
 
 from service.app import create_app
 from service.settings import Settings
-
-httpclient = pytest.importorskip("tritonclient.http")
-from tritonclient.utils import InferenceServerException  # noqa: E402
 
 TOP_K = 3
 

@@ -111,3 +111,17 @@ def test_prefetching_loader_matches_the_plain_one(tmp_path):
         assert x.shape == fx.shape == (len(y), 3, 32, 32) and fx.dtype == torch.float32
         torch.testing.assert_close(fx, x, atol=1e-5, rtol=0)
         assert torch.equal(fy, y)
+
+
+def test_tools_doc_names_every_console_script() -> None:
+    """docs/tools.md says how many console scripts the package installs, and names each of pyproject's."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
+    doc = (root / "docs" / "tools.md").read_text()
+    words = {3: "Three", 4: "Four", 5: "Five", 6: "Six", 7: "Seven"}
+    assert re.search(rf"\b{words[len(scripts)]} console scripts\b", doc), len(scripts)
+    assert all(f"`{name}`" in doc for name in scripts), [n for n in scripts if f"`{n}`" not in doc]

@@ -93,8 +93,10 @@ def test_half_open_flood_stays_under_cap(server) -> None:
             with contextlib.suppress(BlockingIOError):
                 s.connect(("127.0.0.1", server.port))
             socks.append(s)
-        time.sleep(1.0)  # let the server accept (and evict) them
-        peak = server.fds()
+        deadline = time.monotonic() + 20  # until the server holds (about) the cap: it accepted the flood
+        while (peak := server.fds()) - base < CAP - 16 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert peak - base >= CAP - 16, peak - base  # (the rest keeps arriving: `during` is read after more)
         statuses = [classify(server.url) for _ in range(3)]
         during = server.fds()
     finally:
