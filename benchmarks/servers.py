@@ -40,8 +40,9 @@ def start_server(args: argparse.Namespace, flags: dict[str, object]) -> tuple[su
     cmd = [sys.executable, "-m", "service", "--model", args.model, "--port", str(port), "--device", "cpu",
            "--max-batch-size", str(args.batch_size), "--log-level", "warning"]
     cmd += ["--checkpoint", str(args.checkpoint)] if args.checkpoint else ["--random-weights"]
-    for k, v in flags.items():
-        cmd += [f"--{k.replace('_', '-')}", str(v)]
+    for k, v in flags.items():  # a boolean setting: --x / --no-x
+        flag = k.replace("_", "-")
+        cmd += ([f"--{'' if v else 'no-'}{flag}"] if isinstance(v, bool) else [f"--{flag}", str(v)])
     return spawn(cmd), f"http://127.0.0.1:{port}"
 
 
