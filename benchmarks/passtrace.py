@@ -92,6 +92,12 @@ def cpu_busy() -> float:
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of process ``pid`` so far, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def overlap(a: float, a_s: float, b: float, b_s: float) -> float:
     """Seconds the intervals [a, a + a_s] and [b, b + b_s] share."""
     return max(0.0, min(a + a_s, b + b_s) - max(a, b))
@@ -122,6 +128,8 @@ def analyse(trace: Path, after: float) -> dict[str, Any]:
     return {
         "passes": len(passes), "median_ms": 1000 * median, "max_over_median": slow[0]["s"] / median,
         "over_2x_median": sum(p["s"] > 2 * median for p in passes),
+        "decode_s": sum(d["s"] for d in decodes),  # decode threads' time, ~their CPU
+        "pass_cpu_s": sum(p["cpu"] - p["decoding"] * p["s"] for p in passes),  # less the decodes meanwhile
         "decode_ms": {"median": 1000 * statistics.median(d["s"] for d in decodes),
                       "p99": 1000 * sorted(d["s"] for d in decodes)[int(0.99 * (len(decodes) - 1))]},
         "fast_passes": {k: mean(fast, k) for k in ("decoding", "own_cpu", "runq_wait", "others_cpu")},
@@ -155,13 +163,19 @@ def main(argv: list[str] | None = None) -> int:
         wait_ready(proc, url)
         images = load_images(ASSET_IMAGES, 64)
         saturate(url, images, args.clients, 3, [0.7])  # warm-up, not analysed
-        start = time.perf_counter()  # perf_counter is CLOCK_MONOTONIC: comparable across processes
+        start, cpu = time.perf_counter(), process_cpu(proc.pid)  # perf_counter: CLOCK_MONOTONIC, all processes
         load = saturate(url, images, args.clients, args.seconds, [0.7])
+        cpu = process_cpu(proc.pid) - cpu
     finally:
         stop_server(proc)
     report = {"backend": args.backend, "freeze": not args.no_freeze, "pinning": not args.no_pinning,
               "req_per_s": load["throughput"],
               **analyse(trace, start)}
+    answered = sum(map(len, load["latencies"].values()))
+    report["per_request_ms"] = shares = {"server_cpu": 1000 * cpu / answered,
+                                         "decode": report.pop("decode_s") * 1000 / answered,
+                                         "pass_cpu": report.pop("pass_cpu_s") * 1000 / answered}
+    shares["rest (HTTP, app)"] = shares["server_cpu"] - shares["decode"] - shares["pass_cpu"]
     print(json.dumps(report, indent=1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
