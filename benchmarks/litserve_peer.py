@@ -63,10 +63,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--batch-timeout-ms", type=float, default=5.0, help="like the service's --max-wait-ms")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--fast-queue", action="store_true", help="LitServe's ZeroMQ queues instead of its default")
     args = p.parse_args(argv)
     api = EViTLitAPI(args.model, args.checkpoint, args.keep_rate, max_batch_size=args.max_batch_size,
                      batch_timeout=args.batch_timeout_ms / 1000)
-    server = ls.LitServer(api, accelerator="cpu", workers_per_device=1)
+    server = ls.LitServer(api, accelerator="cpu", workers_per_device=1, fast_queue=args.fast_queue)
     server.run(host="127.0.0.1", port=args.port, log_level="warning", generate_client_file=False)
 
 
