@@ -1,5 +1,6 @@
-"""Servers and loopback load for ``benchmarks.service``: start ``python -m service`` processes, saturate them with
-closed-loop clients (a minimal HTTP/1.1 client, so the load costs the shared CPU little) and probe ``/healthz``.
+"""Servers and loopback load for ``benchmarks.service``: start ``python -m service`` processes (and the LitServe
+peer, ``benchmarks.litserve_peer``), saturate them with closed-loop clients (a minimal HTTP/1.1 client, so the
+load costs the shared CPU little) sending multipart or raw JPEGs, and probe ``/healthz``.
 """
 
 from __future__ import annotations
@@ -21,27 +22,47 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_server(args: argparse.Namespace, flags: dict[str, object]) -> tuple[subprocess.Popen, str]:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def spawn(cmd: list[str]) -> subprocess.Popen:
+    """``cmd`` in its own session (process group), so ``stop_server`` also ends the workers it forks."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVIT_")}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+def start_server(args: argparse.Namespace, flags: dict[str, object]) -> tuple[subprocess.Popen, str]:
+    port = free_port()
     cmd = [sys.executable, "-m", "service", "--model", args.model, "--port", str(port), "--device", "cpu",
            "--max-batch-size", str(args.batch_size), "--log-level", "warning"]
     cmd += ["--checkpoint", str(args.checkpoint)] if args.checkpoint else ["--random-weights"]
-    for k, v in flags.items():
-        cmd += [f"--{k.replace('_', '-')}", str(v)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EVIT_")}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return proc, f"http://127.0.0.1:{port}"
+    for k, v in flags.items():  # a boolean setting: --x / --no-x
+        flag = k.replace("_", "-")
+        cmd += ([f"--{'' if v else 'no-'}{flag}"] if isinstance(v, bool) else [f"--{flag}", str(v)])
+    return spawn(cmd), f"http://127.0.0.1:{port}"
 
 
-def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 300) -> None:
+def start_litserve(args: argparse.Namespace, max_wait_ms: float) -> tuple[subprocess.Popen, str]:
+    """The LitServe peer (``benchmarks.litserve_peer``) on the same model, weights, keep rate and batching."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "benchmarks.litserve_peer", "--model", args.model, "--port", str(port),
+           "--keep-rate", str(args.keep_rate), "--max-batch-size", str(args.batch_size),
+           "--batch-timeout-ms", str(max_wait_ms)]
+    cmd += ["--checkpoint", str(args.checkpoint)] if args.checkpoint else []
+    return spawn(cmd), f"http://127.0.0.1:{port}"
+
+
+def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 300, path: str = "/readyz") -> None:
     deadline = time.monotonic() + timeout
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"server {url} exited with status {proc.returncode}")
         try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+            if httpx.get(f"{url}{path}", timeout=2).status_code == 200:
                 return
         except httpx.TransportError:
             pass
@@ -51,13 +72,17 @@ def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 300) -> None:
 
 
 def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    """SIGTERM to the server's process group (``spawn`` made one), SIGKILL after 60 s."""
+    for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:  # the whole group is gone
+            break
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
 
 
 async def _post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes, body: bytes,
@@ -83,18 +108,35 @@ async def _post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head
     return (status, closing) if with_close else status
 
 
-async def _load(url: str, images: list[bytes], clients: int, seconds: float, rates: list[float]) -> dict:
-    """``clients`` closed-loop clients for ``seconds``; latencies per keep rate, throughput, status codes."""
+SERVICE_PATH = "/classify?keep_rate={rate}"
+BOUNDARY = "evit-bench-7d4f1c"
+
+
+def request_body(image: bytes, form: bool) -> tuple[str, bytes]:
+    """(content type, body): a multipart form with the JPEG as field ``file`` (what browsers and ``requests``
+    send), or with ``form`` false the raw JPEG."""
+    if not form:
+        return "image/jpeg", image
+    head = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="image.jpg"\r\n'
+            "Content-Type: image/jpeg\r\n\r\n").encode()
+    return f"multipart/form-data; boundary={BOUNDARY}", head + image + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+async def _load(url: str, images: list[bytes], clients: int, seconds: float, rates: list[float], path: str,
+                form: bool) -> dict:
+    """``clients`` closed-loop clients for ``seconds``; latencies per keep rate, throughput, status codes.
+    ``path`` may name ``{rate}``, the keep rate a request asks for."""
     latencies: dict[float, list[float]] = {r: [] for r in rates}
     codes: dict[int, int] = {}
     stop = time.monotonic() + seconds
     host, port = url.removeprefix("http://").split(":")
+    bodies = [request_body(image, form) for image in images]
 
     async def one_client(n: int) -> None:
         reader, writer = await asyncio.open_connection(host, int(port))
         while time.monotonic() < stop:
-            rate, body = rates[n % len(rates)], images[n % len(images)]
-            head = (f"POST /classify?keep_rate={rate} HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/jpeg\r\n"
+            rate, (kind, body) = rates[n % len(rates)], bodies[n % len(bodies)]
+            head = (f"POST {path.format(rate=rate)} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {kind}\r\n"
                     f"Content-Length: {len(body)}\r\n\r\n").encode()
             t = time.perf_counter()
             code = await _post(reader, writer, head, body)
@@ -122,14 +164,15 @@ def probe_health(url: str, out: list[float], done: threading.Event, start_after_
 
 
 def saturate(url: str, images: list[bytes], clients: int, seconds: float, rates: list[float],
-             health: list[float] | None = None) -> dict:
-    """Load ``url``; with ``health``, also time ``/healthz`` every 50 ms from another thread meanwhile."""
+             health: list[float] | None = None, path: str = SERVICE_PATH, form: bool = True) -> dict:
+    """Load ``url`` (``form``: multipart bodies, else raw JPEGs); with ``health``, also time ``/healthz``
+    every 50 ms from another thread meanwhile."""
     done = threading.Event()
     prober = None if health is None else threading.Thread(  # the load builds up for a moment first
         target=probe_health, args=(url, health, done, min(1.0, seconds / 4)), daemon=True)
     if prober:
         prober.start()
-    result = asyncio.run(_load(url, images, clients, seconds, rates))
+    result = asyncio.run(_load(url, images, clients, seconds, rates, path, form))
     done.set()
     if prober:
         prober.join()

@@ -6,7 +6,11 @@ latency at low load against the raw single-image time; ``/healthz`` latency whil
 and the batch-formation policies (auto / mixed / grouped) on a mixed keep-rate workload. With ``--backend`` /
 ``--precision`` (e.g. ``--backend openvino --precision auto``) a server on that backend is loaded the same way
 in every round and compared with the eager fp32 service: throughput ratio and p50/p99 latency of each
-(phase ``fast``; ``--backend-only`` runs just these two).
+(phase ``fast``; ``--backend-only`` runs just these two). Unless ``--no-litserve``, a LitServe server
+(``benchmarks.litserve_peer``: the same weights and eager fp32 EViT model at ``--keep-rate``, batched up to
+``--batch-size`` with the service's default max wait as its batch timeout) takes the same load (phase
+``litserve``): its req/s, p50 and p99 are printed next to the services'. Loads send multipart JPEGs (field
+``file``) unless ``--raw-body`` (the services then get the raw JPEG; LitServe always the form).
 
 All servers start first and stay up; the phases then run interleaved, round after round, and each phase
 reports its median round (the low-load comparison alternates one raw image and one request). On a CPU that
@@ -17,6 +21,7 @@ during it. Prints the ratios the goals are stated in and writes everything to a 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -30,7 +35,7 @@ from typing import Any
 import httpx
 import torch
 
-from benchmarks.servers import ROOT, saturate, start_server, stop_server, wait_ready
+from benchmarks.servers import ROOT, SERVICE_PATH, saturate, start_litserve, start_server, stop_server, wait_ready
 from evit.backends import BACKENDS
 from evit.precision import PRECISIONS
 from service.job import Job
@@ -154,26 +159,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     clients = args.clients or 2 * args.batch_size
     spec = ModelSpec(arch=args.model, weights=str(args.checkpoint) if args.checkpoint else "random")
     servers = {name: start_server(args, flags) for name, flags in server_set(args).items()}
+    if args.litserve:
+        servers["litserve"] = start_litserve(args, Settings.model_fields["max_wait_ms"].default)
     try:
         raw = RawPipeline(spec, args.batch_size, args.keep_rate)
-        for proc, url in servers.values():
-            wait_ready(proc, url)
+        for name, (proc, url) in servers.items():
+            wait_ready(proc, url, path="/health" if name == "litserve" else "/readyz")
         url = {name: u for name, (_, u) in servers.items()}
         health: list[float] = []
-        rate, sec = [args.keep_rate], args.seconds
-        phases: dict[str, Callable[[], dict]] = {
-            "raw": lambda: raw.saturate(images, sec),
-            "service": lambda: saturate(url["batched"], images, clients, sec, rate, health),
-        }
+        rate, sec, form = [args.keep_rate], args.seconds, not args.raw_body
+
+        def load(name: str, rates: list[float], probe: list[float] | None = None) -> Callable[[], dict]:
+            return lambda: saturate(url[name], images, clients, sec, rates, probe, form=form)
+
+        phases: dict[str, Callable[[], dict]] = {"raw": lambda: raw.saturate(images, sec),
+                                                 "service": load("batched", rate, health)}
         if "fast" in url:
-            phases["fast"] = lambda: saturate(url["fast"], images, clients, sec, rate)
+            phases["fast"] = load("fast", rate)
+        if "litserve" in url:
+            phases["litserve"] = lambda: saturate(url["litserve"], images, clients, sec, rate, path="/predict")
         if not args.backend_only:
-            phases.update({
-                "batching_off": lambda: saturate(url["unbatched"], images, clients, sec, rate),
-                "policy_auto": lambda: saturate(url["batched"], images, clients, sec, MIXED_RATES),
-                "policy_mixed": lambda: saturate(url["mixed"], images, clients, sec, MIXED_RATES),
-                "policy_grouped": lambda: saturate(url["grouped"], images, clients, sec, MIXED_RATES),
-            })
+            phases.update({"batching_off": load("unbatched", rate), "policy_auto": load("batched", MIXED_RATES),
+                           "policy_mixed": load("mixed", MIXED_RATES), "policy_grouped": load("grouped", MIXED_RATES)})
+        for name in url:  # first requests (LitServe's first passes took seconds): not measured
+            saturate(url[name], images, clients, args.warmup_seconds, rate,
+                     path="/predict" if name == "litserve" else SERVICE_PATH, form=form or name == "litserve")
         rounds: dict[str, list[dict]] = {name: [] for name in phases}
         for r in range(args.rounds):
             for name, phase in phases.items():
@@ -187,20 +197,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for proc, _ in servers.values():
             stop_server(proc)
     report.update(model=args.model, weights=spec.weights, batch_size=args.batch_size, keep_rate=args.keep_rate,
-                  backend=args.backend, precision=args.precision,
+                  backend=args.backend, precision=args.precision, body="raw" if args.raw_body else "multipart",
                   clients=clients, rounds=args.rounds, seconds_per_phase=sec, cpus=os.cpu_count(),
                   torch_threads=torch.get_num_threads())
     return report
 
 
-def print_backend(report: dict[str, Any]) -> None:
-    """The compared backend against the eager fp32 service: throughput ratio, p50/p99 of each."""
-    svc, fast = report["service"], report["fast"]
-    key = f"{report['keep_rate']:.2f}"
-    report["ratios"]["backend_over_eager_fp32_service"] = ratio = fast["throughput"] / svc["throughput"]
-    for name, r in (("eager fp32 service", svc), (f"{report['backend']} {report['precision']}", fast)):
-        print(f"{name:24s} {r['throughput']:8.1f} req/s   p50 {r['p50_ms'][key]:.0f} ms  p99 {r['p99_ms'][key]:.0f} ms")
-    print(f"{report['backend']} {report['precision']} over eager fp32 service: x{ratio:.2f} (goal >= 2)")
+def print_http(report: dict[str, Any]) -> None:
+    """The eager fp32 service, the compared backend and LitServe under the same load: req/s, p50/p99 of each,
+    the backend's throughput over the eager service's and its p99 against LitServe's."""
+    key, ratios = f"{report['keep_rate']:.2f}", report["ratios"]
+    rows = {"eager fp32 service": report["service"], f"{report['backend']} {report['precision']} service":
+            report.get("fast"), "litserve (eager fp32)": report.get("litserve")}
+    for name, r in rows.items():
+        if r is not None:
+            print(f"{name:28s} {r['throughput']:8.1f} req/s   p50 {r['p50_ms'][key]:.0f} ms  "
+                  f"p99 {r['p99_ms'][key]:.0f} ms")
+    svc, fast, lit = report["service"], report.get("fast"), report.get("litserve")
+    best = fast or svc
+    if fast is not None:
+        ratios["backend_over_eager_fp32_service"] = ratio = fast["throughput"] / svc["throughput"]
+        print(f"{report['backend']} {report['precision']} over eager fp32 service: x{ratio:.2f} (goal >= 2)")
+    if lit is not None:
+        ratios["throughput_over_litserve"] = best["throughput"] / lit["throughput"]
+        ratios["p99_over_litserve"] = p99 = best["p99_ms"][key] / lit["p99_ms"][key]
+        ratios["eager_service_over_litserve"] = svc["throughput"] / lit["throughput"]
+        print(f"eager fp32 service over litserve: x{ratios['eager_service_over_litserve']:.2f} req/s")
+        print(f"{'compared' if fast else 'eager'} service over litserve: x{ratios['throughput_over_litserve']:.2f} "
+              f"req/s, p99 x{p99:.2f} of litserve's (goal <= 1)")
 
 
 def print_report(report: dict[str, Any]) -> None:
@@ -214,8 +238,7 @@ def print_report(report: dict[str, Any]) -> None:
           f"{report['clients']} clients, median of {report['rounds']} interleaved rounds")
     print(f"raw pipeline       {raw['throughput']:8.1f} img/s")
     print(f"service saturated  {svc['throughput']:8.1f} img/s   x{ratios['service_over_raw']:.3f} of raw (goal >= 0.9)")
-    if "fast" in report:
-        print_backend(report)
+    print_http(report)
     if "batching_off" not in report:
         return
     off = report["batching_off"]
@@ -241,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         ("--batch-size", int, 16, "max batch size of the service and batch of the raw pipeline"),
         ("--keep-rate", float, 0.7, "keep rate of the single-rate phases"),
         ("--seconds", float, 4.0, "per phase and round"),
+        ("--warmup-seconds", float, 3.0, "unmeasured load on each server before the rounds"),
         ("--rounds", int, 3, "interleaved rounds"),
         ("--pairs", int, 40, "low-load raw/service pairs"),
         ("--clients", int, 0, "concurrent clients at saturation (default 2x batch)"),
@@ -250,9 +274,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backend", choices=BACKENDS, default="torch",
                    help="also serve on this backend and compare it with the eager fp32 service")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument("--litserve", action=argparse.BooleanOptionalAction, default=True,
+                   help="also load a LitServe server on the same model (needs the litserve package)")
+    p.add_argument("--raw-body", action="store_true", help="send the services raw JPEG bodies, not multipart")
     p.add_argument("--backend-only", action="store_true",
                    help="only the eager fp32 service and the --backend one (no batching-off / policy servers)")
     args = p.parse_args(argv)
+    if args.litserve and importlib.util.find_spec("litserve") is None:
+        print("litserve is not installed (pip install litserve): no LitServe peer")
+        args.litserve = False
     if args.checkpoint and not args.checkpoint.is_file():
         print(f"no checkpoint at {args.checkpoint}: random weights (timings only)")
         args.checkpoint = None

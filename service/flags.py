@@ -62,6 +62,7 @@ HELP = {
     "max_decoded_bytes": "estimated memory one image may take to decode and resize; more gets 413 before decoding",
     "image_formats": "accepted image formats, comma-separated",
     "jpeg_draft": "let libjpeg downscale large JPEGs while decoding (never below the resize)",
+    "jpeg_torchvision": "decode and resize JPEGs that draft would not shrink with torchvision (PIL otherwise)",
     "max_connections": "open connections at most; beyond it one waiting for headers is closed, or 503",
     "header_timeout_s": "requests whose headers have not arrived by then are closed (408)",
     "max_header_bytes": "request line + headers at most; more gets 431",

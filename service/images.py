@@ -35,6 +35,7 @@ class ImageLimits:
     jpeg_draft: bool = True
     max_aspect_ratio: float = 50.0  # longer side / shorter side
     max_decoded_bytes: int = 512 * 2**20  # estimated peak memory of one decode (see ``decode_bytes``)
+    jpeg_torchvision: bool = True  # JPEGs that draft would not shrink: torchvision's decode and resize
 
 
 class Preprocessor:
@@ -46,9 +47,16 @@ class Preprocessor:
         h, w = data_config["input_size"][1:]
         crop_pct = data_config.get("crop_pct") or 1.0
         self.resize_to = int(max(h, w) / crop_pct)  # the shorter side after timm's resize
+        self.fast_jpeg = jpeg_transform(data_config) if limits.jpeg_torchvision else None
 
     def __call__(self, data: bytes) -> torch.Tensor:
         img = open_image(data, self.limits)
+        if self.fast_jpeg is not None and self._plain_jpeg(img):
+            check_decode_budget(img, self.resize_to, self.limits.max_decoded_bytes)
+            try:
+                return self.fast_jpeg(data)
+            except RuntimeError:  # corrupt or truncated: PIL decides, with its error (no C++ paths in it)
+                pass
         if img.format in ("JPEG", "MPO") and self.limits.jpeg_draft:
             img.draft(img.mode, (self.resize_to, self.resize_to))  # DCT-domain downscale, never below the resize
         check_decode_budget(img, self.resize_to, self.limits.max_decoded_bytes)
@@ -57,6 +65,45 @@ class Preprocessor:
         except (OSError, SyntaxError, ValueError, EOFError) as e:  # truncated or corrupt pixel data
             raise ApiError(400, f"the image could not be decoded: {e}", "undecodable_image") from e
         return self.transform(img)
+
+
+    def _plain_jpeg(self, img: Image.Image) -> bool:
+        """A baseline JPEG in RGB or grayscale that draft mode would not shrink (shorter side under twice the
+        resize) and with no EXIF rotation: torchvision's path gives timm's transform's values to ~1e-5."""
+        shrinks = self.limits.jpeg_draft and min(img.size) >= 2 * self.resize_to
+        return (img.format == "JPEG" and img.mode in ("RGB", "L") and not shrinks
+                and img.getexif().get(_ORIENTATION, 1) == 1)
+
+
+_ORIENTATION = 0x0112
+
+
+def jpeg_transform(data_config: dict[str, Any]) -> Callable[[bytes], torch.Tensor] | None:
+    """JPEG bytes -> 3, H, W with timm's eval transform (shorter side resized, centre crop, normalise), by
+    libjpeg-turbo through ``torchvision.io.decode_jpeg`` and torch's uint8 antialiased resize: the same values
+    as the PIL path to ~1e-5 at ~2/3 of its CPU time (the resize is ~4x cheaper). None for a config that is
+    not that transform."""
+    if data_config.get("crop_mode", "center") != "center" or data_config["interpolation"] not in ("bicubic",
+                                                                                                "bilinear"):
+        return None
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except ImportError:  # torchvision deprecated its image codecs in 0.29 (for torchcodec): PIL then
+        return None
+    from torchvision.transforms.v2 import functional as F
+
+    h, w = data_config["input_size"][1:]
+    short = int(max(h, w) / (data_config.get("crop_pct") or 1.0))
+    interpolation = F.InterpolationMode(data_config["interpolation"])
+    scale = 1.0 / (255.0 * torch.tensor(data_config["std"]).view(3, 1, 1))
+    offset = torch.tensor(data_config["mean"]).view(3, 1, 1) / torch.tensor(data_config["std"]).view(3, 1, 1)
+
+    def transform(data: bytes) -> torch.Tensor:
+        img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        img = F.center_crop(F.resize(img, [short], interpolation=interpolation, antialias=True), [h, w])
+        return img.float() * scale - offset
+
+    return transform
 
 
 def eval_transform(data_config: dict[str, Any]) -> Callable[[Image.Image], torch.Tensor]:

@@ -206,7 +206,7 @@ def host(spec: ModelSpec, settings: Settings, device: torch.device) -> HostedMod
     except (BackendMissing, ValueError) as e:
         raise ModelLoadError(f"model {spec.name!r}, backend {settings.backend}: {e}") from e
     limits = ImageLimits(settings.max_image_pixels, check_formats(settings.image_formats), settings.jpeg_draft,
-                         settings.max_image_aspect_ratio, settings.max_decoded_bytes)
+                         settings.max_image_aspect_ratio, settings.max_decoded_bytes, settings.jpeg_torchvision)
     preprocess = Preprocessor(runner.data_config, limits)
     hosted = HostedModel(spec, runner, device, preprocess, labels_for(model, spec))
     if spec.random_weights:

@@ -110,6 +110,7 @@ class Settings(BaseSettings):
     max_decoded_bytes: int = Field(512 * 2**20, ge=2**20)  # one decode's estimated peak memory, resize included
     image_formats: Annotated[tuple[str, ...], NoDecode] = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
     jpeg_draft: bool = True  # let libjpeg downscale large JPEGs while decoding (never below the resize)
+    jpeg_torchvision: bool = True  # decode and resize JPEGs that draft would not shrink with torchvision
     max_top_k: int = Field(100, ge=1)
 
     # security (see service/auth.py): with tokens, every route but health, metrics and docs needs one
