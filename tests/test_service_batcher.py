@@ -1,0 +1,166 @@
+"""``service.batcher.Batcher`` on the virtual clock of ``tests/_virtual`` (the simulated device of
+test_scheduling_sim): when a batch leaves (full, or its first request waited max_wait), what a batch formed
+too late sheds, and admission (the queue's limits, the low-priority share, Retry-After, a deadline checked
+against the pass in flight). Exact times and counts, deterministic, no real waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from types import SimpleNamespace
+from unittest import mock
+
+import pytest
+from _gate import metric
+from _virtual import VirtualLoop
+from test_scheduling_sim import OVERHEAD, PER_GMAC, fixed_job, gmacs, sim_batcher, simulate
+
+import service.batcher
+from service.batcher import Batcher
+from service.exceptions import DeadlineUnreachable, Overloaded
+from service.scheduler import PRIORITIES, Job
+
+
+def on_virtual_time(main):
+    """Run ``main(loop)`` on a virtual-time loop, with the batcher's clock being the loop's."""
+    loop = VirtualLoop()
+    clock = SimpleNamespace(monotonic=loop.time, perf_counter=loop.time)
+    try:
+        with mock.patch.object(service.batcher, "time", clock):
+            return loop.run_until_complete(main(loop))
+    finally:
+        loop.close()
+
+
+def test_batches_leave_when_full_or_after_max_wait() -> None:
+    """The batch former's wait, on the virtual clock (max_batch_size 4, max_wait 1 s, no deadlines): an idle
+    model runs a request at once; requests that come closer than max_wait wait for company until the first
+    has waited max_wait (a later arrival does not restart the wait), or go at once when they fill a batch;
+    what is left beyond max_batch_size waits again."""
+    times = [0.0, 1.0, 1.5, 2.5, 2.6, 2.7, 2.8] + [5.0] * 6
+    run = simulate(times, fixed_job(deadline=math.inf), noise=0.0, max_batch_size=4, max_wait_ms=1000.0)
+    passes = [(start, len(rates)) for start, rates in run.device.passes]
+    # t=1.0 comes exactly max_wait after the last request: not further apart than max_wait, so it waits
+    expected = [(0.0, 1), (2.0, 2), (2.8, 4), (5.0, 4), (6.0, 2)]
+    assert [n for _, n in passes] == [n for _, n in expected]
+    assert [t for t, _ in passes] == pytest.approx([t for t, _ in expected], abs=1e-6)
+    assert all(o.finish is not None for o in run.outcomes)
+
+
+def test_a_batch_formed_too_late_sheds_its_lowest_priority_members() -> None:
+    """``Batcher._take`` when the batch could no longer end by its deadline: its lowest-priority members are
+    answered ``DeadlineUnreachable`` (counted at stage "batch") and the rest runs, predicted as what remains."""
+    def take(prior_error: float | None, late: float):
+        """Three jobs (low, high, normal) due 1 s after they are queued, taken ``late`` seconds after."""
+        async def main(loop: VirtualLoop):
+            batcher, _ = sim_batcher(loop, lambda rates, start: 0.0, prior_error)
+            jobs = [Job(1.0, loop.time() + 1.0, priority) for priority in (2, 0, 1)]
+            for job in jobs:
+                with batcher.admit("sim", job) as ticket:
+                    batcher.submit(ticket, job)
+            loop.now += late
+            return batcher, jobs, batcher._take(batcher.queues["sim"])
+
+        return on_virtual_time(main)
+
+    batcher, (low, high, normal), (batch, predicted) = take(1.0, 0.0)
+    q = batcher.queues["sim"]
+    one, two, three = (q.scheduler.batch_seconds([1.0] * n) for n in (1, 2, 3))
+    assert batch == [high, normal, low] and predicted == three  # in time: all of it, in priority order
+    late = 1.0 - q.latency.safety * (one + two) / 2  # two would end after the deadline, one would not
+    batcher, (low, high, normal), (batch, predicted) = take(1.0, late)
+    assert batch == [high] and predicted == pytest.approx(one)
+    for shed in (normal, low):
+        assert isinstance(shed.future.exception(), DeadlineUnreachable)
+        assert "deadline" in str(shed.future.exception())
+    assert not high.future.done() and not batcher.queues["sim"].items
+    text = batcher.metrics.render().decode()
+    refused = {p: metric(text, "evit_deadline_refused_total", model="sim", priority=p, stage="batch")
+               for p in PRIORITIES}
+    assert refused == {"high": 0, "normal": 1, "low": 1}
+    assert metric(text, "evit_queue_wait_seconds_count", model="sim") == 3
+    assert metric(text, "evit_queue_depth", model="sim") == 0
+    # uncalibrated (no warm-up, no pass yet): nothing is predicted or shed
+    _, (low, high, normal), (batch, predicted) = take(None, 5.0)
+    assert batch == [high, normal, low] and predicted == 0.0
+
+
+def overloaded(call, *args) -> Overloaded:
+    with pytest.raises(Overloaded) as e:
+        call(*args)
+    return e.value
+
+
+def test_admission_limits_the_queue_and_low_priority_share() -> None:
+    """queue_size 4, low priority's share a half: a third low request is refused at ``check`` and at
+    ``admit`` (many can pass the check while their bodies upload); normal ones fill the rest. Retry-After:
+    at least 1 s before any pass, then the queue's batches times the measured batch time."""
+
+    async def main(loop: VirtualLoop) -> None:
+        batcher, _ = sim_batcher(loop, lambda rates, start: 0.85, 1.0, max_batch_size=2, queue_size=4,
+                                 low_priority_queue_share=0.5)
+        low = [Job(1.0, math.inf, priority=2) for _ in range(3)]
+        tickets = [batcher.admit("sim", job) for job in low[:2]]
+        for call in (batcher.check, batcher.admit):
+            e = overloaded(call, "sim", low[2])
+            assert "for low-priority requests (2 requests queued)" in str(e) and e.retry_after_s == 1
+        batcher.check("sim", Job(1.0, math.inf))
+        tickets += [batcher.admit("sim", Job(1.0, math.inf)) for _ in range(2)]
+        e = overloaded(batcher.admit, "sim", Job(1.0, math.inf, priority=0))
+        assert "low-priority" not in str(e) and "(4 requests queued)" in str(e)
+        for t in tickets:
+            t.release()
+        batcher.start()
+        try:
+            await finished(batcher, await run_one(batcher))  # one batch measured: 0.85 s
+            tickets = [batcher.admit("sim", Job(1.0, math.inf)) for _ in range(4)]
+            assert overloaded(batcher.admit, "sim", Job(1.0, math.inf)).retry_after_s == 2  # 2 batches, 1.7 s
+        finally:
+            await batcher.stop()
+
+    on_virtual_time(main)
+
+
+async def run_one(batcher: Batcher) -> Job:
+    job = Job(1.0, math.inf)
+    with batcher.admit("sim", job) as ticket:
+        batcher.submit(ticket, job)
+    await asyncio.sleep(0)
+    return job
+
+
+async def finished(batcher: Batcher, job: Job) -> None:
+    """Until ``job`` is answered and its batch's bookkeeping (measured time) done."""
+    await job.future
+    while batcher.queues["sim"].running:
+        await asyncio.sleep(0.001)
+
+
+def test_a_deadline_is_checked_against_the_pass_in_flight() -> None:
+    """``check`` (before the body is read) starts a request's batch when the pass in flight is predicted to
+    end, and at once when the model is idle, even if the last pass ended before its prediction."""
+
+    async def main(loop: VirtualLoop) -> None:
+        # the device takes half the time warm-up measured: passes end before their predicted end
+        batcher, _ = sim_batcher(loop, lambda rates, _start: 0.5 * sum(OVERHEAD + PER_GMAC * gmacs(r) for r in rates),
+                                 1.0)
+        q = batcher.queues["sim"]
+
+        def job_due_within_half_the_rest() -> Job:
+            """Due in time if its batch starts now; not if it starts when the pass in flight is predicted to end."""
+            now, one = loop.time(), q.scheduler.batch_seconds([1.0])
+            return Job(1.0, now + q.latency.safety * one + 0.5 * (q.busy_until - now))
+
+        batcher.start()
+        try:
+            job = await run_one(batcher)
+            assert q.running and q.busy_until > loop.time()
+            with pytest.raises(DeadlineUnreachable):
+                batcher.check("sim", job_due_within_half_the_rest())
+            await finished(batcher, job)
+            assert not q.running and q.busy_until > loop.time()  # it ended early
+            batcher.check("sim", job_due_within_half_the_rest())
+        finally:
+            await batcher.stop()
+
+    on_virtual_time(main)
