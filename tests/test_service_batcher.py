@@ -110,6 +110,9 @@ def test_admission_limits_the_queue_and_low_priority_share() -> None:
         assert "low-priority" not in str(e) and "(4 requests queued)" in str(e)
         for t in tickets:
             t.release()
+        tiny_share, _ = sim_batcher(loop, lambda rates, start: 0.85, 1.0, queue_size=4, low_priority_queue_share=0.1)
+        with tiny_share.admit("sim", low[0]):  # the share is at least one request
+            assert "low-priority" in str(overloaded(tiny_share.admit, "sim", low[1]))
         batcher.start()
         try:
             await finished(batcher, await run_one(batcher))  # one batch measured: 0.85 s
@@ -146,6 +149,10 @@ def test_a_deadline_is_checked_against_the_pass_in_flight() -> None:
                                  1.0)
         q = batcher.queues["sim"]
 
+        def submit(model: str, job: Job) -> Job:
+            with batcher.admit(model, job) as ticket:
+                return batcher.submit(ticket, job)
+
         def job_due_within_half_the_rest() -> Job:
             """Due in time if its batch starts now; not if it starts when the pass in flight is predicted to end."""
             now, one = loop.time(), q.scheduler.batch_seconds([1.0])
@@ -155,11 +162,38 @@ def test_a_deadline_is_checked_against_the_pass_in_flight() -> None:
         try:
             job = await run_one(batcher)
             assert q.running and q.busy_until > loop.time()
-            with pytest.raises(DeadlineUnreachable):
-                batcher.check("sim", job_due_within_half_the_rest())
+            for call in (batcher.check, submit):  # before the body is read, and once it is decoded
+                with pytest.raises(DeadlineUnreachable):
+                    call("sim", job_due_within_half_the_rest())
+            text = batcher.metrics.render().decode()
+            assert metric(text, "evit_deadline_refused_total", model="sim", priority="normal", stage="admission") == 2
             await finished(batcher, job)
             assert not q.running and q.busy_until > loop.time()  # it ended early
             batcher.check("sim", job_due_within_half_the_rest())
+            await finished(batcher, submit("sim", job_due_within_half_the_rest()))
+        finally:
+            await batcher.stop()
+
+    on_virtual_time(main)
+
+
+def test_a_request_whose_client_left_takes_no_place_in_a_batch() -> None:
+    """While a pass runs, 4 requests queue (max_batch_size 4) and 2 of their clients leave: the next batch
+    holds the 2 left and the 2 that came after, never the ones gone."""
+
+    async def main(loop: VirtualLoop) -> None:
+        batcher, device = sim_batcher(loop, lambda rates, start: 1.0, 1.0, max_batch_size=4, max_wait_ms=100.0)
+        batcher.start()
+        try:
+            first = await run_one(batcher)
+            queued = [await run_one(batcher) for _ in range(4)]
+            for job in queued[:2]:
+                job.future.cancel()
+            later = [await run_one(batcher) for _ in range(2)]
+            for job in [first, *queued[2:], *later]:
+                await finished(batcher, job)
+            assert [len(rates) for _, rates in device.passes] == [1, 4]
+            assert batcher.idle()
         finally:
             await batcher.stop()
 
