@@ -17,7 +17,7 @@ from test_scheduling_sim import OVERHEAD, PER_GMAC, fixed_job, gmacs, sim_batche
 
 import service.batcher
 from service.batcher import Batcher
-from service.exceptions import DeadlineUnreachable, Overloaded
+from service.exceptions import DeadlineUnreachable, InferenceFailed, Overloaded
 from service.scheduler import PRIORITIES, Job
 
 
@@ -106,6 +106,7 @@ def test_admission_limits_the_queue_and_low_priority_share() -> None:
             assert "for low-priority requests (2 requests queued)" in str(e) and e.retry_after_s == 1
         batcher.check("sim", Job(1.0, math.inf))
         tickets += [batcher.admit("sim", Job(1.0, math.inf)) for _ in range(2)]
+        assert metric(batcher.metrics.render().decode(), "evit_admitted_requests", model="sim") == 4
         e = overloaded(batcher.admit, "sim", Job(1.0, math.inf, priority=0))
         assert "low-priority" not in str(e) and "(4 requests queued)" in str(e)
         for t in tickets:
@@ -194,6 +195,35 @@ def test_a_request_whose_client_left_takes_no_place_in_a_batch() -> None:
                 await finished(batcher, job)
             assert [len(rates) for _, rates in device.passes] == [1, 4]
             assert batcher.idle()
+        finally:
+            await batcher.stop()
+
+    on_virtual_time(main)
+
+
+def test_the_batch_former_survives_a_batch_shed_whole_and_a_failed_batch() -> None:
+    """A batch whose every member is shed (the pass before it ran 30x its prediction) and a batch whose
+    planning raised (answered ``InferenceFailed``) leave the batch former serving the next request."""
+
+    async def main(loop: VirtualLoop) -> None:
+        batcher, device = sim_batcher(loop, lambda rates, start: 1.0, 1.0)  # predicted 0.034 s
+        batcher.start()
+        try:
+            first = await run_one(batcher)
+            await asyncio.sleep(0.01)
+            late = Job(1.0, loop.time() + 1.0)  # in time as predicted, but its batch can start only at 1.0
+            with batcher.admit("sim", late) as ticket:
+                batcher.submit(ticket, late)
+            await finished(batcher, first)
+            with pytest.raises(DeadlineUnreachable):
+                await asyncio.wait_for(late.future, 100)
+            with mock.patch.object(service.batcher, "run_batch", side_effect=RuntimeError("planning failed")):
+                failed = await run_one(batcher)
+                with pytest.raises(InferenceFailed, match="RuntimeError"):
+                    await asyncio.wait_for(failed.future, 100)
+            served = await run_one(batcher)
+            assert (await asyncio.wait_for(served.future, 100)).batch_size == 1
+            assert len(device.passes) == 2 and not batcher.dead
         finally:
             await batcher.stop()
 
