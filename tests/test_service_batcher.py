@@ -97,8 +97,8 @@ def test_admission_limits_the_queue_and_low_priority_share() -> None:
     at least 1 s before any pass, then the queue's batches times the measured batch time."""
 
     async def main(loop: VirtualLoop) -> None:
-        batcher, _ = sim_batcher(loop, lambda rates, start: 0.85, 1.0, max_batch_size=2, queue_size=4,
-                                 low_priority_queue_share=0.5)
+        batcher, _ = sim_batcher(loop, lambda rates, start: 0.85 if start < 0.5 else 3.35, 1.0, max_batch_size=2,
+                                 queue_size=4, low_priority_queue_share=0.5)
         low = [Job(1.0, math.inf, priority=2) for _ in range(3)]
         tickets = [batcher.admit("sim", job) for job in low[:2]]
         for call in (batcher.check, batcher.admit):
@@ -117,8 +117,12 @@ def test_admission_limits_the_queue_and_low_priority_share() -> None:
         batcher.start()
         try:
             await finished(batcher, await run_one(batcher))  # one batch measured: 0.85 s
-            tickets = [batcher.admit("sim", Job(1.0, math.inf)) for _ in range(4)]
-            assert overloaded(batcher.admit, "sim", Job(1.0, math.inf)).retry_after_s == 2  # 2 batches, 1.7 s
+            for retry_after in (2, 3):  # 2 batches of 0.85 s; then of 0.8 * 0.85 + 0.2 * 3.35 s (moving average)
+                tickets = [batcher.admit("sim", Job(1.0, math.inf)) for _ in range(4)]
+                assert overloaded(batcher.admit, "sim", Job(1.0, math.inf)).retry_after_s == retry_after
+                for t in tickets:
+                    t.release()
+                await finished(batcher, await run_one(batcher))  # the next one takes 3.35 s
         finally:
             await batcher.stop()
 
