@@ -11,6 +11,7 @@ from types import SimpleNamespace
 from unittest import mock
 
 import pytest
+import torch
 from _gate import metric
 from _virtual import VirtualLoop
 from test_scheduling_sim import OVERHEAD, PER_GMAC, fixed_job, gmacs, sim_batcher, simulate
@@ -18,6 +19,7 @@ from test_scheduling_sim import OVERHEAD, PER_GMAC, fixed_job, gmacs, sim_batche
 import service.batcher
 from service.batcher import Batcher
 from service.exceptions import DeadlineUnreachable, InferenceFailed, Overloaded
+from service.passes import fail
 from service.scheduler import PRIORITIES, Job
 
 
@@ -230,5 +232,42 @@ def test_the_batch_former_survives_a_batch_shed_whole_and_a_failed_batch() -> No
             assert len(device.passes) == 2 and not batcher.dead
         finally:
             await batcher.stop()
+
+    on_virtual_time(main)
+
+
+def test_a_batch_runs_as_the_cost_model_plans_it() -> None:
+    """Seven requests at keep rate 0.25 and one at 1.0 in one batch: with a calibrated cost model (policy
+    auto), the cheap ones run first in a pass of their own, so they are answered before the full one."""
+
+    async def main(loop: VirtualLoop) -> None:
+        batcher, device = sim_batcher(loop, lambda rates, start: OVERHEAD + PER_GMAC * sum(map(gmacs, rates)), 1.0)
+        batcher.start()
+        try:
+            first = await run_one(batcher)
+            jobs = [Job(r, math.inf, min_rate=r) for r in [1.0] + [0.25] * 7]
+            for job in jobs:
+                with batcher.admit("sim", job) as ticket:
+                    batcher.submit(ticket, job)
+            for job in [first, *jobs]:
+                await finished(batcher, job)
+            assert [rates for _, rates in device.passes] == [[1.0], [0.25] * 7, [1.0]]
+        finally:
+            await batcher.stop()
+
+    on_virtual_time(main)
+
+
+def test_a_failed_pass_answers_every_request_still_waiting() -> None:
+    """``passes.fail`` skips requests already answered (client gone) and answers every other one."""
+
+    async def main(loop: VirtualLoop) -> None:
+        jobs = [Job(1.0, math.inf, future=loop.create_future()) for _ in range(3)]
+        jobs[0].future.cancel()  # its client left during the pass
+        fail(jobs, RuntimeError("boom"))
+        fail(jobs[2:], torch.cuda.OutOfMemoryError("CUDA out of memory"))  # already answered: unchanged
+        for job in jobs[1:]:
+            with pytest.raises(InferenceFailed, match="RuntimeError"):
+                job.future.result()
 
     on_virtual_time(main)
