@@ -71,14 +71,15 @@ def test_truncated_binary_elements_400(raw: bytes, error: str) -> None:
     assert f"truncated BYTES {error}" in fails(400, "bad_request", images_of, *parse(body, length)).message
 
 
-@pytest.mark.parametrize(("data", "status", "code"), [
-    ([0.5], 422, "invalid_parameter"),  # BYTES elements in JSON are base64 strings
-    (["aG!k="], 400, "bad_request"),  # refused, not decoded leniently (as "aGk=")
+@pytest.mark.parametrize(("data", "status", "code", "says"), [
+    ([0.5], 422, "invalid_parameter", "must be base64 strings"),
+    (["aG!k="], 400, "bad_request", "not valid base64"),  # refused, not decoded leniently (as "aGk=")
+    (["aGk=", "aGk="], 422, "invalid_parameter", "has shape [1] but 2 elements"),
 ])
-def test_bad_json_elements(data: list, status: int, code: str) -> None:
+def test_bad_json_elements(data: list, status: int, code: str, says: str) -> None:
     req, raw = parse(json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": data}]})
                      .encode(), None)
-    fails(status, code, images_of, req, raw)
+    assert says in fails(status, code, images_of, req, raw).message
 
 
 def test_int_param_bounds() -> None:
