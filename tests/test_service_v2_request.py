@@ -12,7 +12,7 @@ import pytest
 
 from service.errors import ApiError
 from service.job import Priority
-from service.v2_request import ask_of, images_of, int_param, parse
+from service.v2_request import ask_of, images_of, int_param, keep_rate_of, parse
 
 
 def fails(status: int, code: str, call, *args) -> ApiError:
@@ -62,6 +62,8 @@ def test_images_json_and_binary() -> None:
     body, length = request([{"name": "x", "shape": [0], "datatype": "FP32", "parameters": {"binary_data_size": 0}},
                             {**tensor, "shape": [1], "data": [base64.b64encode(png).decode()]}])
     assert images_of(*parse(body, length)) == [png]
+    body, length = request([{"name": "x", "shape": [1], "datatype": "FP32", "data": [0.5]}])
+    assert "needs one BYTES input" in fails(422, "invalid_parameter", images_of, *parse(body, length)).message
 
 
 @pytest.mark.parametrize(("raw", "error"), [(b"\x05\x00\x00", "element length"), (elements(b"abc")[:-1], "element in")])
@@ -88,10 +90,19 @@ def test_int_param_bounds() -> None:
         assert "top_k" in fails(422, "invalid_parameter", int_param, bad, "top_k", 1, 10).message
 
 
+def test_keep_rate_of() -> None:
+    assert keep_rate_of(None, "keep_rate") is None and keep_rate_of(0.5, "keep_rate") == 0.5
+    e = fails(422, "invalid_parameter", keep_rate_of, "high", "keep_rate", True)
+    assert e.message == "parameter keep_rate must be a number in (0, 1] or \"auto\", got 'high'"
+    e = fails(422, "invalid_parameter", keep_rate_of, 2, "min_keep_rate")
+    assert e.message == "parameter min_keep_rate must be a number in (0, 1], got 2"
+
+
 def test_ask_of_deadlines_and_priorities() -> None:
     ask = ask_of({"deadline_ms": 250, "priority": 1}, "100")
     assert ask.deadline_ms == 100.0 and ask.priority == Priority.HIGH and not ask.auto
     assert ask_of({"deadline_ms": 50}, "100").deadline_ms == 50.0 and ask_of({"keep_rate": "auto"}, None).auto
+    assert ask_of({"deadline_ms": 0.5}, "0.75").deadline_ms == 0.5  # any positive number of milliseconds
     assert ask_of({}, None) == ask_of({"priority": "normal"}, None) == ask_of({"priority": 0}, None)
     assert ask_of({"priority": 3}, None).priority == Priority.LOW
     assert ask_of({"keep_rate": "auto", "min_keep_rate": 0.5}, None).min_keep_rate == 0.5
