@@ -83,7 +83,7 @@ def arrivals(phases: list[tuple[float, float]], seed: int = 0) -> list[float]:
 
 
 def simulate(times: list[float], make_job, *, prior_error: float = 0.7, noise: float = 0.05, seed: int = 1,
-             slowdown=lambda t: 1.0) -> Run:
+             slowdown=lambda t: 1.0, **settings) -> Run:
     """Serve arrivals at ``times`` with the real batcher; ``make_job(i, t)`` builds each request's Job. The
     latency model starts from a warm-up calibration ``prior_error`` times the device's true speed (it has to
     learn the rest); ``slowdown(t)`` scales the pass times from time t (other work on a shared CPU)."""
@@ -91,27 +91,37 @@ def simulate(times: list[float], make_job, *, prior_error: float = 0.7, noise: f
     clock = SimpleNamespace(monotonic=loop.time, perf_counter=loop.time)
     try:
         with mock.patch.object(service.batcher, "time", clock):
-            return loop.run_until_complete(_serve(loop, times, make_job, prior_error, noise, seed, slowdown))
+            return loop.run_until_complete(_serve(loop, times, make_job, prior_error, noise, seed, slowdown,
+                                                      settings))
     finally:
         loop.close()
 
 
-async def _serve(loop: VirtualLoop, times, make_job, prior_error, noise, seed, slowdown) -> Run:
+def sim_batcher(loop: VirtualLoop, seconds, prior_error: float | None, **settings) -> tuple[Batcher, SimDevice]:
+    """A batcher for one simulated model on ``loop``; its latency model calibrated ``prior_error`` times the
+    device's true speed (what warm-up would have measured), or uncalibrated when None; ``settings`` override
+    the defaults."""
+    settings = Settings(**{"max_batch_size": BATCH, "queue_size": 100_000, **settings})
+    model = SimModel("sim", gmacs)
+    batcher = Batcher(Registry([model]), settings, Metrics())  # type: ignore[list-item]
+    device = SimDevice(loop, seconds)
+    q = batcher.queues["sim"]
+    batcher.workers, q.worker = {model.device: device}, device  # type: ignore[dict-item, assignment]
+    if prior_error is not None:
+        prior = PassCost(OVERHEAD * prior_error, PER_GMAC * prior_error)
+        q.scheduler.latency = LatencyModel.from_warmup(prior, gmacs(1.0), BATCH, z=settings.latency_safety_z)
+    return batcher, device
+
+
+async def _serve(loop: VirtualLoop, times, make_job, prior_error, noise, seed, slowdown, settings) -> Run:
     rng = random.Random(seed)
 
     def seconds(rates: list[float], start: float) -> float:
         work = sum(gmacs(r) for r in rates)
         return (OVERHEAD + PER_GMAC * work) * math.exp(rng.gauss(0.0, noise)) * slowdown(start)
 
-    settings = Settings(max_batch_size=BATCH, queue_size=100_000)
-    model = SimModel("sim", gmacs)
-    batcher = Batcher(Registry([model]), settings, Metrics())  # type: ignore[list-item]
-    device = SimDevice(loop, seconds)
-    q = batcher.queues["sim"]
-    batcher.workers, q.worker = {model.device: device}, device  # type: ignore[dict-item, assignment]
-    prior = PassCost(OVERHEAD * prior_error, PER_GMAC * prior_error)  # what warm-up would have measured
-    q.scheduler.latency = LatencyModel.from_warmup(prior, gmacs(1.0), BATCH, z=settings.latency_safety_z)
-    run = Run(latency=q.scheduler.latency, device=device)
+    batcher, device = sim_batcher(loop, seconds, prior_error, **settings)
+    run = Run(latency=batcher.queues["sim"].scheduler.latency, device=device)
     batcher.start()
     answers = []
     for i, t in enumerate(times):

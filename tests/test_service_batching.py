@@ -73,7 +73,7 @@ async def test_expired_request_is_dropped_by_the_queue(serve, tiny_settings) -> 
         pending = svc.batcher.submit(ticket, job)
         await until(lambda: time.monotonic() > job.deadline + 0.05)
         gate.open()
-        with pytest.raises(QueueTimeout):  # the edge answers it 504 (test_service_errors)
+        with pytest.raises(QueueTimeout, match="timed out waiting in the queue"):  # the edge: 504 (test_service_errors)
             await asyncio.wait_for(pending.future, 10)
         assert (await plug).status_code == 200
         await until(svc.batcher.idle)

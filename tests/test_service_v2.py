@@ -31,7 +31,8 @@ async def test_health_and_metadata(serve, tiny_settings) -> None:
         assert (await client.post("/classify?model=nope", content=b"x")).json()["error"] == "unknown_model"
         assert (await client.get("/v2/no-such-route")).json()["code"] == "not_found"
         assert (await client.get("/v2/models/nope/ready")).status_code == 404
-        assert (await client.get("/v2/models/tiny/versions/7")).status_code == 404
+        r = await client.get("/v2/models/tiny/versions/7")
+        assert r.status_code == 404 and r.json()["code"] == "unknown_version" and "version 1" in r.json()["error"]
 
 
 async def test_infer_json_matches_classify(serve, tiny_settings, image_bytes) -> None:
