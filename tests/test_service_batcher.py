@@ -19,8 +19,8 @@ from test_scheduling_sim import OVERHEAD, PER_GMAC, fixed_job, gmacs, sim_batche
 import service.batcher
 from service.batcher import Batcher
 from service.exceptions import DeadlineUnreachable, InferenceFailed, Overloaded
+from service.job import PRIORITIES, Job
 from service.passes import fail
-from service.scheduler import PRIORITIES, Job
 
 
 def on_virtual_time(main):

@@ -242,3 +242,18 @@ async def test_triton_priority_levels(serve, tiny_settings, image_bytes) -> None
         for bad in (4, -1, True, 1.0):
             r = await client.post("/v2/models/tiny/infer", json=infer_payload([image_bytes()], priority=bad))
             assert r.status_code == 422 and "priority" in r.json()["error"], bad
+
+
+async def test_failing_images_report_the_first_in_input_order(serve, tiny_settings, image_bytes) -> None:
+    """Of several images that fail, the answer is the first one's error in input order, after every image is
+    done: here image 0 (a truncated PNG, refused only once its pixels are decoded) fails well after image 1
+    (empty, refused at once), and its error is the one reported."""
+    big = image_bytes("PNG", size=(1600, 1600), seed=3)
+    truncated = big[: len(big) * 3 // 5]
+    payload = {"inputs": [{"name": "image", "shape": [2], "datatype": "BYTES", "data": [b64(truncated), ""]}]}
+    async with serve(tiny_settings(decode_threads=2)) as (_, client):
+        r = await client.post("/v2/models/tiny/infer", json=payload)
+        assert r.status_code == 400 and r.json()["code"] == "undecodable_image", r.text
+        r = await client.post("/v2/models/tiny/infer", json={**payload, "inputs": [
+            {**payload["inputs"][0], "data": ["", b64(truncated)]}]})
+        assert r.status_code == 400 and r.json()["code"] == "empty_body", r.text
