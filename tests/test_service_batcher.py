@@ -18,7 +18,7 @@ from test_scheduling_sim import OVERHEAD, PER_GMAC, fixed_job, gmacs, sim_batche
 
 import service.batcher
 from service.batcher import Batcher
-from service.exceptions import DeadlineUnreachable, InferenceFailed, Overloaded
+from service.exceptions import DeadlineUnreachable, InferenceFailed, Overloaded, Unavailable
 from service.job import PRIORITIES, Job
 from service.passes import fail
 
@@ -170,8 +170,11 @@ def test_a_deadline_is_checked_against_the_pass_in_flight() -> None:
             job = await run_one(batcher)
             assert q.running and q.busy_until > loop.time()
             for call in (batcher.check, submit):  # before the body is read, and once it is decoded
-                with pytest.raises(DeadlineUnreachable):
+                with pytest.raises(DeadlineUnreachable) as refused:
                     call("sim", job_due_within_half_the_rest())
+                # the load is the reason: retryable after the queue's predicted time, with the queue's length
+                assert refused.value.retry_after_s == batcher.retry_after(q) >= 1
+                assert "(0 requests queued)" in str(refused.value)
             text = batcher.metrics.render().decode()
             assert metric(text, "evit_deadline_refused_total", model="sim", priority="normal", stage="admission") == 2
             await finished(batcher, job)
@@ -269,5 +272,68 @@ def test_a_failed_pass_answers_every_request_still_waiting() -> None:
         for job in jobs[1:]:
             with pytest.raises(InferenceFailed, match="RuntimeError"):
                 job.future.result()
+
+    on_virtual_time(main)
+
+
+def test_drain_waits_for_every_admitted_queued_and_running_request() -> None:
+    """``drain`` returns True as soon as nothing is admitted, queued or running (polled every 10 ms), and
+    False once its timeout passes first: an admitted request whose body is still uploading, or a queued one
+    that no batch former runs, keeps it waiting."""
+
+    async def main(loop: VirtualLoop) -> None:
+        batcher, _ = sim_batcher(loop, lambda rates, start: 0.5, 1.0)
+        assert batcher.idle() and await batcher.drain(1.0) is True
+        ticket = batcher.admit("sim", Job(1.0, math.inf))  # admitted, its body still arriving
+        start = loop.time()
+        assert not batcher.idle() and await batcher.drain(2.0) is False and loop.time() - start >= 2.0
+        ticket.release()
+        assert await batcher.drain(2.0) is True
+        job = Job(1.0, math.inf)
+        with batcher.admit("sim", job) as queued:
+            batcher.submit(queued, job)
+        assert not batcher.idle() and await batcher.drain(1.0) is False  # queued; no former runs it yet
+        answered: list[float] = []
+        job.future.add_done_callback(lambda _: answered.append(loop.time()))
+        batcher.start()
+        try:
+            assert await batcher.drain(10.0) is True and job.future.done()
+            assert loop.time() - answered[0] <= 0.05  # it noticed within a poll or so, not a second later
+        finally:
+            await batcher.stop()
+
+    on_virtual_time(main)
+
+
+def test_a_batch_former_that_dies_answers_its_queue_and_marks_the_model_dead() -> None:
+    """A batch former that raises: its queued requests get ``Unavailable`` naming the error, the queue-depth
+    gauge drops to 0, and later requests are refused at ``submit`` with the same reason."""
+
+    async def main(loop: VirtualLoop) -> None:
+        batcher, _ = sim_batcher(loop, lambda rates, start: 0.5, 1.0)
+        gate = asyncio.Event()
+
+        async def dying(q) -> None:
+            await gate.wait()
+            raise RuntimeError("former exploded")
+
+        with mock.patch.object(batcher, "_form_batches", dying):
+            batcher.start()
+        try:
+            job = Job(1.0, math.inf)
+            with batcher.admit("sim", job) as ticket:
+                batcher.submit(ticket, job)
+            depth = lambda: metric(batcher.metrics.render().decode(), "evit_queue_depth", model="sim")  # noqa: E731
+            assert depth() == 1
+            gate.set()
+            with pytest.raises(Unavailable, match="RuntimeError: former exploded"):
+                await asyncio.wait_for(job.future, 10)
+            assert depth() == 0 and not batcher.queues["sim"].hosted.ready
+            later = Job(1.0, math.inf)
+            with batcher.admit("sim", later) as ticket, pytest.raises(
+                    Unavailable, match="batch former of model sim died: RuntimeError: former exploded"):
+                batcher.submit(ticket, later)
+        finally:
+            await batcher.stop()
 
     on_virtual_time(main)
