@@ -84,16 +84,17 @@ class Service:
         assert self.batcher is not None and self.registry is not None
         if self.settings.warmup:
             try:
-                await self.batcher.warm_up()
+                await self.batcher.warm_up()  # marks each model ready once it has warmed up
             except Exception as e:
                 log.error("warm-up failed: %s", e, exc_info=e)
                 self.fail(f"warm-up failed: {type(e).__name__}: {e}", 2 if isinstance(e, WarmupError) else 1)
                 return
+        else:
+            for m in self.registry:
+                m.ready = True
         # The ~400k objects of torch, timm, the models and the app live as long as the process: frozen, a full
         # (generation 2) collection skips them instead of holding the GIL for ~100-300 ms mid-pass.
         gc.freeze()
-        for m in self.registry:
-            m.ready = True
         self.warmed = True
         self.metrics.ready.set(0 if self.draining else 1)
         log.info("ready", extra={"models": list(self.registry.models)})

@@ -294,3 +294,13 @@ async def test_several_models(serve, tiny_settings, tiny_model, image_bytes) -> 
         assert r["tokens"] == app.state.service.registry.get("five").model.cost(0.5).total_tokens
         assert (await client.post("/classify?model=five&top_k=6", content=image_bytes())).status_code == 422
         assert (await client.post("/classify", content=image_bytes())).json()["model"] == "tiny"  # the default
+
+
+async def test_warm_up_calibrates_each_model_and_exports_its_series(serve, tiny_settings) -> None:
+    """Warm-up seeds each model's latency model with the configured safety margin and marks it ready; its
+    metric series exist (at 0) before any traffic."""
+    async with serve(tiny_settings(latency_safety_z=3.5)) as (app, client):
+        q = app.state.service.batcher.queues["tiny"]
+        assert q.latency.calibrated and q.latency.z == 3.5 and q.hosted.ready
+        text = (await client.get("/metrics")).text
+        assert 'evit_queue_depth{model="tiny"} 0.0' in text and 'evit_admitted_requests{model="tiny"} 0.0' in text
