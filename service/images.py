@@ -47,7 +47,7 @@ class Preprocessor:
         h, w = data_config["input_size"][1:]
         crop_pct = data_config.get("crop_pct") or 1.0
         self.resize_to = int(max(h, w) / crop_pct)  # the shorter side after timm's resize
-        self.fast_jpeg = jpeg_transform(data_config) if limits.jpeg_torchvision else None
+        self.fast_jpeg = jpeg_transform(data_config, self.resize_to) if limits.jpeg_torchvision else None
 
     def __call__(self, data: bytes) -> torch.Tensor:
         img = open_image(data, self.limits)
@@ -66,7 +66,6 @@ class Preprocessor:
             raise ApiError(400, f"the image could not be decoded: {e}", "undecodable_image") from e
         return self.transform(img)
 
-
     def _plain_jpeg(self, img: Image.Image) -> bool:
         """A baseline JPEG in RGB or grayscale that draft mode would not shrink (shorter side under twice the
         resize) and with no EXIF rotation: torchvision's path gives timm's transform's values to ~1e-5."""
@@ -78,11 +77,11 @@ class Preprocessor:
 _ORIENTATION = 0x0112
 
 
-def jpeg_transform(data_config: dict[str, Any]) -> Callable[[bytes], torch.Tensor] | None:
-    """JPEG bytes -> 3, H, W with timm's eval transform (shorter side resized, centre crop, normalise), by
-    libjpeg-turbo through ``torchvision.io.decode_jpeg`` and torch's uint8 antialiased resize: the same values
-    as the PIL path to ~1e-5 at ~2/3 of its CPU time (the resize is ~4x cheaper). None for a config that is
-    not that transform."""
+def jpeg_transform(data_config: dict[str, Any], resize_to: int) -> Callable[[bytes], torch.Tensor] | None:
+    """JPEG bytes -> 3, H, W with timm's eval transform (shorter side resized to ``resize_to``, centre crop,
+    normalise), by libjpeg-turbo through ``torchvision.io.decode_jpeg`` and torch's uint8 antialiased resize: the
+    same values as the PIL path to ~1e-5 at ~2/3 of its CPU time (the resize is ~4x cheaper). None for a config
+    that is not that transform."""
     if data_config.get("crop_mode", "center") != "center" or data_config["interpolation"] not in ("bicubic",
                                                                                                 "bilinear"):
         return None
@@ -93,14 +92,13 @@ def jpeg_transform(data_config: dict[str, Any]) -> Callable[[bytes], torch.Tenso
     from torchvision.transforms.v2 import functional as F
 
     h, w = data_config["input_size"][1:]
-    short = int(max(h, w) / (data_config.get("crop_pct") or 1.0))
     interpolation = F.InterpolationMode(data_config["interpolation"])
     scale = 1.0 / (255.0 * torch.tensor(data_config["std"]).view(3, 1, 1))
     offset = torch.tensor(data_config["mean"]).view(3, 1, 1) / torch.tensor(data_config["std"]).view(3, 1, 1)
 
     def transform(data: bytes) -> torch.Tensor:
         img = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        img = F.center_crop(F.resize(img, [short], interpolation=interpolation, antialias=True), [h, w])
+        img = F.center_crop(F.resize(img, [resize_to], interpolation=interpolation, antialias=True), [h, w])
         return img.float() * scale - offset
 
     return transform
