@@ -169,21 +169,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         health: list[float] = []
         rate, sec, form = [args.keep_rate], args.seconds, not args.raw_body
 
-        def load(name: str, rates: list[float], probe: list[float] | None = None) -> Callable[[], dict]:
-            return lambda: saturate(url[name], images, clients, sec, rates, probe, form=form)
+        def load(name: str, rates: list[float], probe: list[float] | None = None,
+                 seconds: float = sec) -> Callable[[], dict]:
+            """A load on server ``name``: the services' route and body (``form``), or LitServe's (a form)."""
+            path, as_form = ("/predict", True) if name == "litserve" else (SERVICE_PATH, form)
+            return lambda: saturate(url[name], images, clients, seconds, rates, probe, path=path, form=as_form)
 
         phases: dict[str, Callable[[], dict]] = {"raw": lambda: raw.saturate(images, sec),
                                                  "service": load("batched", rate, health)}
         if "fast" in url:
             phases["fast"] = load("fast", rate)
         if "litserve" in url:
-            phases["litserve"] = lambda: saturate(url["litserve"], images, clients, sec, rate, path="/predict")
+            phases["litserve"] = load("litserve", rate)
         if not args.backend_only:
             phases.update({"batching_off": load("unbatched", rate), "policy_auto": load("batched", MIXED_RATES),
                            "policy_mixed": load("mixed", MIXED_RATES), "policy_grouped": load("grouped", MIXED_RATES)})
         for name in url:  # first requests (LitServe's first passes took seconds): not measured
-            saturate(url[name], images, clients, args.warmup_seconds, rate,
-                     path="/predict" if name == "litserve" else SERVICE_PATH, form=form or name == "litserve")
+            load(name, rate, seconds=args.warmup_seconds)()
         rounds: dict[str, list[dict]] = {name: [] for name in phases}
         for r in range(args.rounds):
             for name, phase in phases.items():
@@ -207,13 +209,13 @@ def print_http(report: dict[str, Any]) -> None:
     """The eager fp32 service, the compared backend and LitServe under the same load: req/s, p50/p99 of each,
     the backend's throughput over the eager service's and its p99 against LitServe's."""
     key, ratios = f"{report['keep_rate']:.2f}", report["ratios"]
-    rows = {"eager fp32 service": report["service"], f"{report['backend']} {report['precision']} service":
-            report.get("fast"), "litserve (eager fp32)": report.get("litserve")}
+    svc, fast, lit = report["service"], report.get("fast"), report.get("litserve")
+    rows = {"eager fp32 service": svc, f"{report['backend']} {report['precision']} service": fast,
+            "litserve (eager fp32)": lit}
     for name, r in rows.items():
         if r is not None:
             print(f"{name:28s} {r['throughput']:8.1f} req/s   p50 {r['p50_ms'][key]:.0f} ms  "
                   f"p99 {r['p99_ms'][key]:.0f} ms")
-    svc, fast, lit = report["service"], report.get("fast"), report.get("litserve")
     best = fast or svc
     if fast is not None:
         ratios["backend_over_eager_fp32_service"] = ratio = fast["throughput"] / svc["throughput"]
