@@ -22,11 +22,10 @@ from pathlib import Path
 import torch
 
 import evit
+from benchmarks.servers import ROOT
 from benchmarks.service import ASSET_IMAGES
 from service.images import ImageLimits, Preprocessor, check_formats
 from service.settings import ASSET_CHECKPOINT
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def timed(fn: Callable[[bytes], torch.Tensor], images: list[bytes], threads: int) -> tuple[float, float]:

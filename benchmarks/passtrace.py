@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.servers import ROOT, free_port, saturate, spawn, stop_server, wait_ready
-from benchmarks.service import ASSET_IMAGES, load_images
+from benchmarks.service import ASSET_IMAGES, load_images, percentile
 from service.settings import ASSET_CHECKPOINT
 
 
@@ -131,7 +131,7 @@ def analyse(trace: Path, after: float) -> dict[str, Any]:
         "decode_s": sum(d["s"] for d in decodes),  # decode threads' time, ~their CPU
         "pass_cpu_s": sum(p["cpu"] - p["decoding"] * p["s"] for p in passes),  # less the decodes meanwhile
         "decode_ms": {"median": 1000 * statistics.median(d["s"] for d in decodes),
-                      "p99": 1000 * sorted(d["s"] for d in decodes)[int(0.99 * (len(decodes) - 1))]},
+                      "p99": 1000 * percentile([d["s"] for d in decodes], 99)},
         "fast_passes": {k: mean(fast, k) for k in ("decoding", "own_cpu", "runq_wait", "others_cpu")},
         "slowest": [{"ms": round(1000 * p["s"], 1), "n": p["n"], "x_median": round(p["s"] / median, 2),
                      **{k: round(p[k], 2) for k in ("decoding", "own_cpu", "runq_wait", "others_cpu")},
