@@ -7,8 +7,7 @@ import asyncio
 import io
 
 import numpy as np
-import pytest
-from PIL import Image
+from _hostile import encode, noise
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
@@ -16,9 +15,7 @@ from benchmarks.servers import request_body
 
 
 def jpeg(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (48, 64, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(buf := io.BytesIO(), "JPEG")
-    return buf.getvalue()
+    return encode(noise((64, 48), seed), "JPEG")
 
 
 async def parse_form(kind: str, body: bytes) -> bytes:
@@ -38,8 +35,7 @@ def test_multipart_body_carries_the_jpeg_as_field_file() -> None:
 
 
 def test_litserve_peer_batch_answers_each_image_as_alone() -> None:
-    pytest.importorskip("litserve")
-    from benchmarks.litserve_peer import EViTLitAPI
+    from benchmarks.litserve_peer import EViTLitAPI  # litserve: a dev dependency
 
     api = EViTLitAPI("vit_tiny_patch16_224", None, keep_rate=0.5, max_batch_size=4)
     api.setup("cpu")
