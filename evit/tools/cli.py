@@ -114,7 +114,6 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp-dtype", choices=tuple(_AMP_DTYPES), help=argparse.SUPPRESS)
 
 
-
 def precision(args: argparse.Namespace, dev: torch.device) -> torch.dtype:
     """``--precision`` resolved for ``dev`` (ValueError for fp16 on a CPU); the deprecated
     ``--amp [--amp-dtype float16|bfloat16]`` (with --precision left at fp32) maps onto fp16 / bf16."""
